@@ -1,0 +1,33 @@
+package main
+
+import (
+	"github.com/vmdk2kvm/vmdk2kvm/sinks"
+	rawsink "github.com/vmdk2kvm/vmdk2kvm/sinks/raw"
+	"github.com/vmdk2kvm/vmdk2kvm/sources"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/file"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/raw"
+)
+
+// newSources returns every transport and format this binary reads. Formats
+// are probed in order; raw accepts anything and stays last.
+func newSources() *sources.Registry {
+	r := sources.NewRegistry()
+	r.AddTransport(file.Transport{})
+	r.AddFormat(raw.Format{})
+	return r
+}
+
+// newSinks returns every output format this binary writes.
+func newSinks() *sinks.Registry {
+	return sinks.NewRegistry(rawsink.Format{})
+}
+
+// defaultOutputFormat is qcow2 where it is built in, else raw.
+func defaultOutputFormat(r *sinks.Registry) string {
+	for _, n := range r.Names() {
+		if n == "qcow2" {
+			return n
+		}
+	}
+	return "raw"
+}

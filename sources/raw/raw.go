@@ -1,0 +1,61 @@
+// Package raw is the raw image format: the file is the disk, byte for byte.
+// It is probed last and accepts anything.
+package raw
+
+import (
+	"context"
+
+	"github.com/vmdk2kvm/vmdk2kvm/block"
+	"github.com/vmdk2kvm/vmdk2kvm/sources"
+)
+
+// Format is the raw format.
+type Format struct{}
+
+// Name implements sources.Format.
+func (Format) Name() string { return "raw" }
+
+// Probe implements sources.Format: raw accepts every file.
+func (Format) Probe([]byte, string) bool { return true }
+
+// Open implements sources.Format.
+func (Format) Open(ctx context.Context, fsys sources.FS, name string, f sources.File, _ sources.Options) (*sources.Image, error) {
+	dev := NewDevice(f)
+	alloc := int64(0)
+	err := block.Walk(ctx, dev, 0, dev.Size(), 0, func(e block.Extent) error {
+		if e.Type == block.Data {
+			alloc += e.Len
+		}
+		return nil
+	})
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return &sources.Image{Device: dev, Info: sources.Info{
+		Format:      "raw",
+		VirtualSize: dev.Size(),
+		Layers:      []sources.Layer{{File: fsys.Describe(name), Format: "raw", Allocated: alloc}},
+	}}, nil
+}
+
+// Device is a file as a device; holes come from the file when it knows them.
+type Device struct {
+	block.ReaderAt
+	ext sources.Extenter
+}
+
+// NewDevice wraps a file.
+func NewDevice(f sources.File) *Device {
+	d := &Device{ReaderAt: block.ReaderAt{R: f, N: f.Size(), Done: f.Close}}
+	d.ext, _ = f.(sources.Extenter)
+	return d
+}
+
+// Extents implements block.Device.
+func (d *Device) Extents(ctx context.Context, off, length int64) ([]block.Extent, error) {
+	if d.ext == nil {
+		return d.ReaderAt.Extents(ctx, off, length)
+	}
+	return d.ext.Extents(ctx, off, length)
+}
