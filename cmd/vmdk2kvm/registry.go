@@ -6,6 +6,7 @@ import (
 	"github.com/vmdk2kvm/vmdk2kvm/sources"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/file"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/raw"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/vmdk"
 )
 
 // newSources returns every transport and format this binary reads. Formats
@@ -13,6 +14,7 @@ import (
 func newSources() *sources.Registry {
 	r := sources.NewRegistry()
 	r.AddTransport(file.Transport{})
+	r.AddFormat(vmdk.Format{})
 	r.AddFormat(raw.Format{})
 	return r
 }
