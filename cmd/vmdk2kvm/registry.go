@@ -1,6 +1,7 @@
 package main
 
 import (
+	"github.com/vmdk2kvm/vmdk2kvm/qcow2"
 	"github.com/vmdk2kvm/vmdk2kvm/sinks"
 	rawsink "github.com/vmdk2kvm/vmdk2kvm/sinks/raw"
 	"github.com/vmdk2kvm/vmdk2kvm/sources"
@@ -15,13 +16,14 @@ func newSources() *sources.Registry {
 	r := sources.NewRegistry()
 	r.AddTransport(file.Transport{})
 	r.AddFormat(vmdk.Format{})
+	r.AddFormat(qcow2.Format{Backing: r.OpenIn})
 	r.AddFormat(raw.Format{})
 	return r
 }
 
 // newSinks returns every output format this binary writes.
 func newSinks() *sinks.Registry {
-	return sinks.NewRegistry(rawsink.Format{})
+	return sinks.NewRegistry(rawsink.Format{}, qcow2.SinkFormat{})
 }
 
 // defaultOutputFormat is qcow2 where it is built in, else raw.
