@@ -1,0 +1,308 @@
+// Package cbttest extends govmomi's vSphere simulator with Changed Block
+// Tracking for warm-migration tests, on top of vmware/vmwaretest.
+//
+// The simulator has no QueryChangedDiskAreas and no change IDs. CBTVM wraps
+// its VirtualMachine object (the type embeds *simulator.VirtualMachine and is
+// routed to through vmwaretest.Env.Override, so every other method, snapshots
+// included, stays the simulator's own):
+//
+//   - CreateSnapshot_Task: when change tracking is enabled on the VM, each
+//     snapshot's disk backing carries a change ID "EPOCH/N" (N counts the
+//     snapshots); after the snapshot the VM's running disk moves on to another
+//     change ID, so a caller that reads the VM's backing instead of the
+//     snapshot's loses writes;
+//   - QueryChangedDiskAreas answers from the changes the harness itself wrote
+//     into the real -flat.vmdk file (Harness.Write, Harness.Discard), "*" from
+//     the file's real allocation, in pages of at most PageAreas areas and at
+//     most PageBytes of disk, so that pages in the middle of the disk are
+//     empty and callers must continue from startOffset+length;
+//   - Harness.ResetCBT starts a new epoch (what disabling and enabling CBT or
+//     a storage vMotion does): old change IDs are refused with a FileFault.
+//
+// A CountingProxy in front of the simulator counts the bytes served from the
+// datastore (/folder) so tests can assert that an incremental round reads
+// the changed bytes, not the disk.
+package cbttest
+
+import (
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/vmware/govmomi/object"
+	"github.com/vmware/govmomi/simulator"
+	"github.com/vmware/govmomi/vim25/methods"
+	"github.com/vmware/govmomi/vim25/mo"
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
+	"golang.org/x/sys/unix"
+
+	"github.com/vmdk2kvm/vmdk2kvm/block"
+	"github.com/vmdk2kvm/vmdk2kvm/cbt"
+)
+
+// change is one write the harness made, tagged with the number of snapshots
+// taken before it.
+type change struct {
+	gen int
+	ext block.Extent
+}
+
+// tracked is the CBT bookkeeping of one disk.
+type tracked struct {
+	key      int32
+	flat     string // local -flat.vmdk path
+	desc     string // local descriptor path
+	capacity int64
+	epoch    string // "" = tracking not active yet
+	gen      int    // snapshots taken in this epoch
+	log      []change
+	snaps    map[types.ManagedObjectReference]int
+}
+
+// CBTVM is a simulator VM with change tracking.
+type CBTVM struct {
+	*simulator.VirtualMachine
+
+	mu    sync.Mutex
+	disks map[int32]*tracked
+	// PageAreas caps the areas of one QueryChangedDiskAreas answer.
+	PageAreas int
+	// PageBytes caps how much of the disk one answer covers.
+	PageBytes int64
+	// Queries counts QueryChangedDiskAreas calls (for assertions).
+	Queries int
+}
+
+func (vm *CBTVM) disk(key int32) *tracked { return vm.disks[key] }
+
+// CreateSnapshotTask gives the snapshot's disk backings their change IDs.
+func (vm *CBTVM) CreateSnapshotTask(ctx *simulator.Context, req *types.CreateSnapshot_Task) soap.HasFault {
+	vm.mu.Lock()
+	enabled := vm.Config.ChangeTrackingEnabled != nil && *vm.Config.ChangeTrackingEnabled
+	ids := map[int32]string{}
+	for _, d := range vm.disks {
+		if !enabled {
+			d.epoch = ""
+			continue
+		}
+		if d.epoch == "" { // the stun activates tracking
+			d.epoch, d.gen, d.log = newEpoch(), 0, nil
+		}
+		d.gen++
+		ids[d.key] = fmt.Sprintf("%s/%d", d.epoch, d.gen)
+	}
+	vm.setChangeIDs(ids) // the snapshot copies the VM's config
+	vm.mu.Unlock()
+
+	res := vm.VirtualMachine.CreateSnapshotTask(ctx, req)
+	body, ok := res.(*methods.CreateSnapshot_TaskBody)
+	if !ok || body.Res == nil {
+		return res
+	}
+	taskRef := body.Res.Returnval
+	go func() {
+		// When the task is done: remember which snapshot holds which
+		// generation, and move the running disk on to a later change ID.
+		t, ok := ctx.Map.Get(taskRef).(*simulator.Task)
+		if !ok {
+			return
+		}
+		t.Wait()
+		snap, _ := t.Info.Result.(types.ManagedObjectReference)
+		iso := &simulator.Context{}
+		ctx.Map.WithLock(iso, vm.Self, func() {
+			vm.mu.Lock()
+			defer vm.mu.Unlock()
+			live := map[int32]string{}
+			for _, d := range vm.disks {
+				if d.epoch == "" {
+					continue
+				}
+				d.snaps[snap] = d.gen
+				live[d.key] = fmt.Sprintf("%s/%d", d.epoch, d.gen+1000000)
+			}
+			vm.setChangeIDs(live)
+		})
+	}()
+	return res
+}
+
+// setChangeIDs sets the VM's disk backings' change IDs (caller holds mu).
+func (vm *CBTVM) setChangeIDs(ids map[int32]string) {
+	for _, dev := range vm.Config.Hardware.Device {
+		vd, ok := dev.(*types.VirtualDisk)
+		if !ok {
+			continue
+		}
+		if b, ok := vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+			b.ChangeId = ids[vd.Key]
+		}
+	}
+}
+
+// QueryChangedDiskAreas answers from the harness's own log of writes.
+func (vm *CBTVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault {
+	vm.mu.Lock()
+	defer vm.mu.Unlock()
+	vm.Queries++
+	body := &methods.QueryChangedDiskAreasBody{}
+	fail := func(msg string, f types.BaseMethodFault) soap.HasFault {
+		body.Fault_ = simulator.Fault(msg, f)
+		return body
+	}
+	d := vm.disk(req.DeviceKey)
+	if d == nil {
+		return fail(fmt.Sprintf("no disk with key %d", req.DeviceKey), &types.InvalidArgument{InvalidProperty: "deviceKey"})
+	}
+	if req.Snapshot == nil {
+		return fail("this harness models queries against a snapshot only", &types.InvalidArgument{InvalidProperty: "snapshot"})
+	}
+	if d.epoch == "" {
+		return fail("change tracking is not active on this disk", &types.FileFault{File: d.flat})
+	}
+	snapGen, ok := d.snaps[*req.Snapshot]
+	if !ok {
+		return fail(fmt.Sprintf("snapshot %s is not known to change tracking", req.Snapshot.Value), &types.InvalidArgument{InvalidProperty: "snapshot"})
+	}
+	if req.StartOffset < 0 || req.StartOffset >= d.capacity {
+		return fail(fmt.Sprintf("startOffset %d outside the disk (%d bytes)", req.StartOffset, d.capacity), &types.InvalidArgument{InvalidProperty: "startOffset"})
+	}
+	var areas []block.Extent
+	if req.ChangeId == "*" {
+		var err error
+		if areas, err = dataAreas(d.flat, d.capacity); err != nil {
+			return fail(err.Error(), &types.FileFault{File: d.flat})
+		}
+	} else {
+		i := strings.LastIndexByte(req.ChangeId, '/')
+		since, err := strconv.Atoi(req.ChangeId[i+1:])
+		if i < 0 || err != nil || req.ChangeId[:i] != d.epoch || since > snapGen {
+			// What vSphere says for a change ID from another epoch.
+			return fail(fmt.Sprintf("Error caused by file %s (change ID %q is not valid for this disk)", d.flat, req.ChangeId), &types.FileFault{File: d.flat})
+		}
+		for _, c := range d.log {
+			if c.gen >= since && c.gen < snapGen {
+				areas = append(areas, c.ext)
+			}
+		}
+		areas = cbt.Normalize(areas, d.capacity)
+	}
+	// One page: at most PageBytes of disk, at most PageAreas areas.
+	end := d.capacity
+	if vm.PageBytes > 0 {
+		end = min(end, req.StartOffset+vm.PageBytes)
+	}
+	info := types.DiskChangeInfo{StartOffset: req.StartOffset, Length: end - req.StartOffset}
+	var out []types.DiskChangeExtent
+	for _, a := range block.Clip(areas, req.StartOffset, end-req.StartOffset) {
+		if vm.PageAreas > 0 && len(out) == vm.PageAreas {
+			last := out[len(out)-1]
+			info.Length = last.Start + last.Length - req.StartOffset
+			break
+		}
+		out = append(out, types.DiskChangeExtent{Start: a.Off, Length: a.Len})
+	}
+	info.ChangedArea = out
+	body.Res = &types.QueryChangedDiskAreasResponse{Returnval: info}
+	return body
+}
+
+func newEpoch() string {
+	var b [16]byte
+	rand.Read(b[:])
+	s := make([]string, 0, 16)
+	for _, x := range b {
+		s = append(s, fmt.Sprintf("%02x", x))
+	}
+	return strings.Join(s[:8], " ") + "-" + strings.Join(s[8:], " ")
+}
+
+// dataAreas lists the data extents of a sparse file up to size.
+func dataAreas(name string, size int64) ([]block.Extent, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	var out []block.Extent
+	for off := int64(0); off < size; {
+		start, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
+		if errors.Is(err, unix.ENXIO) || (err == nil && start >= size) {
+			break
+		}
+		if err != nil {
+			return nil, fmt.Errorf("%s: seek data at %d: %w", name, off, err)
+		}
+		end, err := unix.Seek(int(f.Fd()), start, unix.SEEK_HOLE)
+		if err != nil {
+			return nil, fmt.Errorf("%s: seek hole at %d: %w", name, start, err)
+		}
+		end = min(end, size)
+		out = append(out, block.Extent{Off: start, Len: end - start, Type: block.Data})
+		off = end
+	}
+	return out, nil
+}
+
+// writeDescriptor writes a VMFS (flat) descriptor for a -flat.vmdk.
+func writeDescriptor(path, flat string, size int64) error {
+	desc := fmt.Sprintf(`# Disk DescriptorFile
+version=1
+encoding="UTF-8"
+CID=2a000001
+parentCID=ffffffff
+createType="vmfs"
+
+# Extent description
+RW %d VMFS "%s"
+
+# The Disk Data Base
+#DDB
+
+ddb.adapterType = "lsilogic"
+ddb.uuid = "60 00 C2 9a 2a 00 00 01-00 11 22 33 44 55 66 77"
+ddb.virtualHWVersion = "19"
+`, size/512, flat)
+	return os.WriteFile(path, []byte(desc), 0o644)
+}
+
+// flatOf returns the local paths of a disk backing's descriptor and flat file.
+func flatOf(dsDir, fileName string) (desc, flat string) {
+	var p object.DatastorePath
+	p.FromString(fileName)
+	desc = filepath.Join(dsDir, filepath.FromSlash(p.Path))
+	return desc, strings.TrimSuffix(desc, ".vmdk") + "-flat.vmdk"
+}
+
+// routeSessions makes the environment's overrides reach calls made in a
+// login session. The simulator consults the session's registry after
+// Registry.Handler, and that registry falls back to the global object, which
+// undoes the override; so the override object is put into the session's own
+// registry as well. The global registry keeps the simulator's object, which
+// its snapshot code type-asserts; the wrapper embeds that object, so every
+// method it does not override, and property collection, behave as before.
+func routeSessions(m *simulator.Model) {
+	reg := m.Map()
+	prev := reg.Handler
+	reg.Handler = func(ctx *simulator.Context, method *simulator.Method) (mo.Reference, types.BaseMethodFault) {
+		if prev == nil {
+			return nil, nil
+		}
+		obj, fault := prev(ctx, method)
+		if obj != nil && fault == nil && ctx.Session != nil && ctx.Session.Registry != nil {
+			if ctx.Session.Registry.Get(method.This) != obj {
+				ctx.Session.Registry.Put(obj)
+			}
+		}
+		return obj, fault
+	}
+}
+
+var _ = context.Background
