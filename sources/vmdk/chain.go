@@ -180,6 +180,12 @@ func (l *layer) open(ctx context.Context, fsys sources.FS, f sources.File, head 
 			f.Close()
 			return err
 		}
+		if h.Capacity == 0 && text != nil {
+			// qemu's reading: a header of no capacity whose descriptor
+			// lists the extents acts as a descriptor file.
+			f.Close()
+			return l.openDescriptor(ctx, fsys, text)
+		}
 		if text != nil {
 			if l.desc, err = ParseDescriptor(text); err != nil {
 				f.Close()
@@ -228,19 +234,26 @@ func (l *layer) open(ctx context.Context, fsys sources.FS, f sources.File, head 
 		if err != nil {
 			return err
 		}
-		if l.desc, err = ParseDescriptor(b); err != nil {
-			return fmt.Errorf("%s: %w", l.name, err)
+		return l.openDescriptor(ctx, fsys, b)
+	}
+	return nil
+}
+
+// openDescriptor parses descriptor text and opens the extents it lists.
+func (l *layer) openDescriptor(ctx context.Context, fsys sources.FS, b []byte) error {
+	var err error
+	if l.desc, err = ParseDescriptor(b); err != nil {
+		return fmt.Errorf("%s: %w", l.name, err)
+	}
+	for _, x := range l.desc.Extents {
+		e, err := l.openExtent(ctx, fsys, x)
+		if err != nil {
+			return err
 		}
-		for _, x := range l.desc.Extents {
-			e, err := l.openExtent(ctx, fsys, x)
-			if err != nil {
-				return err
-			}
-			l.add(e, x.Sectors*512)
-		}
-		if len(l.exts) == 0 {
-			return fmt.Errorf("%s: descriptor lists no extents", l.name)
-		}
+		l.add(e, x.Sectors*512)
+	}
+	if len(l.exts) == 0 {
+		return fmt.Errorf("%s: descriptor lists no extents", l.name)
 	}
 	return nil
 }

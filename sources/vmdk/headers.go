@@ -42,7 +42,9 @@ type SparseHeader struct {
 }
 
 // Compressed reports whether grains are deflate-compressed (streamOptimized).
-func (h *SparseHeader) Compressed() bool { return h.Flags&flagCompressed != 0 }
+// As in qemu and VMware's open-vmdk, the algorithm field decides, not the
+// flag bit.
+func (h *SparseHeader) Compressed() bool { return h.CompressAlgorithm == 1 }
 
 // Markers reports whether grains carry {lba, size} markers and metadata has markers.
 func (h *SparseHeader) Markers() bool { return h.Flags&flagMarkers != 0 }
@@ -87,14 +89,8 @@ func ParseSparseHeader(b []byte) (*SparseHeader, error) {
 		return nil, fmt.Errorf("sparse header: field descriptorOffset (offset 28) is %d, out of range", h.DescriptorOffset)
 	case h.GDOffset != gdAtEnd && h.GDOffset > maxSectors:
 		return nil, fmt.Errorf("sparse header: field gdOffset (offset 56) is %d, out of range", h.GDOffset)
-	case h.Compressed() && h.CompressAlgorithm != 1:
-		return nil, fmt.Errorf("sparse header: field compressAlgorithm (offset 77) is %d, want 1 (deflate)", h.CompressAlgorithm)
-	}
-	if !h.Compressed() && h.CompressAlgorithm != 0 {
-		h.Flags |= flagCompressed // qemu: an algorithm implies compressed grains
-		if h.CompressAlgorithm != 1 {
-			return nil, fmt.Errorf("sparse header: field compressAlgorithm (offset 77) is %d, want 1 (deflate)", h.CompressAlgorithm)
-		}
+	case h.CompressAlgorithm > 1:
+		return nil, fmt.Errorf("sparse header: field compressAlgorithm (offset 77) is %d, want 0 (none) or 1 (deflate)", h.CompressAlgorithm)
 	}
 	return h, nil
 }
