@@ -41,4 +41,7 @@ require (
 	golang.org/x/text v0.44.0 // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20260817212433-ac3dfec99bb1 // indirect
 	gopkg.in/yaml.v3 v3.0.1 // indirect
+	libguestfs.org/guestfs v1.48.6
 )
+
+replace libguestfs.org/guestfs => ./third_party/guestfs
