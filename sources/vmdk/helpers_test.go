@@ -235,9 +235,27 @@ func dataOnly(exts []block.Extent) []block.Extent {
 }
 
 // sameMap checks that our map and qemu-img map agree on data vs not.
+//
+// qemu 7.2 reports FLAT/VMFS extents as data throughout, without asking the
+// file for its holes; we report a thin flat file's holes. For images with
+// flat extents the check is therefore that our data lies inside qemu's
+// (sameBytes proves that the rest reads as zeros).
 func sameMap(t testing.TB, d block.Device, img string) {
 	t.Helper()
 	ours, theirs := dataOnly(allExtents(t, d)), qemuMap(t, img)
+	if c, ok := d.(*Chain); ok && c.hasFlat() {
+		for _, e := range ours {
+			if e.Type != block.Data {
+				continue
+			}
+			for _, q := range block.Clip(theirs, e.Off, e.Len) {
+				if q.Type != block.Data {
+					t.Fatalf("we map [%d,+%d) as data, qemu-img map has no data at [%d,+%d)", e.Off, e.Len, q.Off, q.Len)
+				}
+			}
+		}
+		return
+	}
 	if fmt.Sprint(ours) != fmt.Sprint(theirs) {
 		t.Fatalf("map differs from qemu-img map:\n ours: %v\nqemu: %v", short(ours), short(theirs))
 	}
@@ -294,4 +312,15 @@ func (f *fixtures) get(name string, build func(dir string)) string {
 	f.mu.Unlock()
 	o.Do(func() { build(f.dir) })
 	return filepath.Join(f.dir, name)
+}
+
+func (c *Chain) hasFlat() bool {
+	for _, l := range c.layers {
+		for _, p := range l.exts {
+			if _, ok := p.e.(*flatExtent); ok {
+				return true
+			}
+		}
+	}
+	return false
 }

@@ -60,12 +60,13 @@ func (Format) Probe(head []byte, _ string) bool {
 }
 
 // LooksLikeDescriptor reports whether the start of a file is a VMDK text
-// descriptor: text (no NUL byte in its first 4 KiB) that starts with
-// "# Disk DescriptorFile" or has a createType= line.
+// descriptor: text (up to the first NUL: qemu pads descriptor files with
+// NULs) that starts with "# Disk DescriptorFile" or has a createType= line
+// in its first 4 KiB.
 func LooksLikeDescriptor(head []byte) bool {
 	h := head[:min(len(head), 4096)]
-	if bytes.IndexByte(h, 0) >= 0 {
-		return false
+	if i := bytes.IndexByte(h, 0); i >= 0 {
+		h = h[:i]
 	}
 	s := strings.TrimLeft(strings.TrimPrefix(string(h), "\ufeff"), " \t\r\n")
 	if strings.HasPrefix(s, "# Disk DescriptorFile") {
