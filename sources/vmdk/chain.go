@@ -22,7 +22,7 @@ type Options struct {
 	Parent string
 }
 
-// MaxChainDepth is the longest snapshot chain opened.
+// MaxChainDepth is the most layers (the disk and its parents) opened.
 const MaxChainDepth = 255
 
 // Chain is an opened VMDK and its snapshot chain, flattened into one
@@ -57,7 +57,7 @@ func Open(ctx context.Context, fsys sources.FS, name string, f sources.File, opt
 	seen := map[string]bool{}
 	cur, hint := name, ""
 	for depth := 0; ; depth++ {
-		if depth > MaxChainDepth {
+		if depth >= MaxChainDepth {
 			c.Close()
 			return nil, fmt.Errorf("%s: snapshot chain deeper than %d layers", fsys.Describe(name), MaxChainDepth)
 		}

@@ -324,3 +324,5 @@ func (c *Chain) hasFlat() bool {
 	}
 	return false
 }
+
+func readFileT(p string) ([]byte, error) { return os.ReadFile(p) }
