@@ -402,7 +402,8 @@ func (im *Image) clearRange(off, length int64, trim bool) error {
 	return nil
 }
 
-// Resize grows the virtual size (shrinking is refused). New space reads as
+// Resize grows the virtual size (shrinking is refused), rounded up to a
+// multiple of 512 bytes as qemu reads only whole sectors. New space reads as
 // zeros. Like every change it becomes durable with the next Flush.
 func (im *Image) Resize(size int64) error {
 	im.mu.Lock()
@@ -413,6 +414,7 @@ func (im *Image) Resize(size int64) error {
 	if size < im.size {
 		return fmt.Errorf("%s: shrinking from %d to %d bytes is not supported", im.name, im.size, size)
 	}
+	size = (size + 511) &^ 511 // qemu sees whole sectors only
 	u := im.upd
 	need := int64(l1Needed(uint64(size), im.cb))
 	if need*8 > maxL1Bytes {

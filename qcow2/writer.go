@@ -69,6 +69,9 @@ func Create(path string, size int64, opts sinks.Options) (*Writer, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("%s: negative size %d", path, size)
 	}
+	// qemu sees whole 512-byte sectors only: a size that is not a multiple
+	// is rounded up (the tail reads zeros).
+	size = (size + 511) &^ 511
 	cs := opts.ClusterSize
 	if cs == 0 {
 		cs = DefaultClusterSize
