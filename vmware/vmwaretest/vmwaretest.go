@@ -26,15 +26,15 @@
 // Disk files are real: a VMFS descriptor plus a sparse -flat.vmdk with
 // deterministic data at a few places, readable by qemu-img.
 //
-// Extending it (the CBT harness of the warm migration does this): the
-// simulator dispatches every SOAP call through Env.Override's table first, so
-// a test can add or replace one method of one object without touching the
-// rest of the object (snapshots keep working on a VM whose
-// QueryChangedDiskAreas is overridden):
+// Extending it (the CBT harness of the warm migration does this): Env.Wrap
+// routes the SOAP calls on one object to a wrapper type that embeds the
+// simulator's object and adds or replaces methods, while the simulator's own
+// code keeps the original (so snapshots of a wrapped VM keep working, unlike
+// a Map().Put of the wrapper):
 //
-//	env.Override(vmRef, "QueryChangedDiskAreas", &myVM{VirtualMachine: env.SimVM(vmRef)})
+//	env.Wrap(vmRef, &myVM{VirtualMachine: env.SimVM(vmRef)})
 //
-// where *myVM has a method
+// where *myVM has, with the simulator's signature, e.g.
 //
 //	func (vm *myVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault
 //
@@ -96,13 +96,8 @@ type Env struct {
 	// VMs maps the names above to their MoRefs.
 	VMs map[string]types.ManagedObjectReference
 
-	mu        sync.Mutex
-	overrides map[override]mo.Reference
-}
-
-type override struct {
-	ref    types.ManagedObjectReference
-	method string
+	mu       sync.Mutex
+	wrappers map[types.ManagedObjectReference]mo.Reference
 }
 
 // New starts the simulator with TLS (its self-signed certificate) and the
@@ -126,7 +121,7 @@ func Start(ctx context.Context, dir string) (*Env, error) {
 	if err := m.Create(); err != nil {
 		return nil, fmt.Errorf("create model: %w", err)
 	}
-	env := &Env{Model: m, Dir: dir, VMs: map[string]types.ManagedObjectReference{}, overrides: map[override]mo.Reference{}}
+	env := &Env{Model: m, Dir: dir, VMs: map[string]types.ManagedObjectReference{}, wrappers: map[types.ManagedObjectReference]mo.Reference{}}
 	m.Service.TLS = new(tls.Config)
 	m.Service.Listen = &url.URL{User: url.UserPassword(User, Password)}
 	m.Map().Handler = env.route
@@ -161,18 +156,30 @@ func (e *Env) Close() {
 	e.Model.Remove()
 }
 
-// Override routes calls of method on ref to obj. obj must have a method of
-// that name with the simulator's signature (see the package comment).
-func (e *Env) Override(ref types.ManagedObjectReference, method string, obj mo.Reference) {
+// Wrap makes SOAP calls on ref go to obj, a type embedding the simulator's
+// object (see SimVM) that adds or replaces methods. The simulator's own code
+// keeps seeing the original object, so its type assertions hold (snapshots
+// of a wrapped VM work). A later Wrap of the same ref replaces the wrapper.
+func (e *Env) Wrap(ref types.ManagedObjectReference, obj mo.Reference) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	e.overrides[override{ref, method}] = obj
+	e.wrappers[ref] = obj
 }
 
-func (e *Env) route(_ *simulator.Context, m *simulator.Method) (mo.Reference, types.BaseMethodFault) {
+// route runs before every SOAP call. The simulator dispatches through the
+// caller's session registry first, so the wrapper is registered there: only
+// SOAP dispatch and property reads see it, never the simulator's internals.
+func (e *Env) route(ctx *simulator.Context, m *simulator.Method) (mo.Reference, types.BaseMethodFault) {
 	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.overrides[override{m.This, m.Name}], nil
+	obj := e.wrappers[m.This]
+	e.mu.Unlock()
+	if obj == nil {
+		return nil, nil
+	}
+	if ctx.Session != nil && ctx.Session.Registry.Get(m.This) != obj {
+		ctx.Session.Put(obj)
+	}
+	return obj, nil
 }
 
 // SimVM returns the simulator's own object for a VM (for wrapping it).
@@ -259,6 +266,6 @@ func (e *Env) build(ctx context.Context) error {
 		}
 	}
 	win := e.VMs[VMWin]
-	e.Override(win, "QueryChangedDiskAreas", &AllocatedAreasVM{VirtualMachine: e.SimVM(win), Env: e})
+	e.Wrap(win, &AllocatedAreasVM{VirtualMachine: e.SimVM(win), Env: e})
 	return nil
 }
