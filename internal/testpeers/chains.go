@@ -1,0 +1,161 @@
+package testpeers
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vmdk2kvm/vmdk2kvm/block"
+)
+
+// Chain is a VMDK (or chain) in a fixture folder and its qemu-img oracle.
+type Chain struct {
+	Name string // what it exercises
+	Top  string // the file to open, relative to the folder
+	Raw  string // absolute path of `qemu-img convert -O raw` of Top (outside the folder)
+}
+
+// VMDKChains writes VMDK fixtures into dir, made by qemu-img/qemu-io and
+// taken from the shared real samples, with their raw conversions in
+// oracleDir: a monolithicSparse base with a qemu-made sparse delta, a
+// monolithicFlat disk, a streamOptimized disk, an ESXi vmfs thick disk
+// (descriptor + -flat) and an ESXi seSparse disk.
+func VMDKChains(t testing.TB, dir, oracleDir string) []Chain {
+	t.Helper()
+	sh := func(args ...string) {
+		t.Helper()
+		cmd := exec.Command(args[0], args[1:]...)
+		cmd.Dir = dir
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	qio := func(img string, cmds ...string) {
+		t.Helper()
+		args := []string{"qemu-io", "-f", "vmdk"}
+		for _, c := range cmds {
+			args = append(args, "-c", c)
+		}
+		sh(append(args, img)...)
+	}
+	var out []Chain
+
+	// monolithicSparse base, qemu-made delta on top.
+	sh("qemu-img", "create", "-q", "-f", "vmdk", "base.vmdk", "8M")
+	qio("base.vmdk", "write -P 0x11 0 3M", "write -P 0x33 7M 64k")
+	sh("qemu-img", "create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", "child.vmdk")
+	qio("child.vmdk", "write -P 0x22 1M 1M", "write -P 0x44 5M 300k")
+	out = append(out, Chain{Name: "sparse-chain", Top: "child.vmdk"})
+
+	sh("qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", "flat.vmdk", "4M")
+	qio("flat.vmdk", "write -P 0x55 512k 1M")
+	out = append(out, Chain{Name: "monolithicFlat", Top: "flat.vmdk"})
+
+	src := filepath.Join(oracleDir, "stream-src.raw")
+	sh("qemu-img", "create", "-q", "-f", "raw", src, "6M")
+	sh("qemu-io", "-f", "raw", "-c", "write -P 0x66 0 1M", "-c", "write -P 0x77 3M 2M", src)
+	sh("qemu-img", "convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, "stream.vmdk")
+	out = append(out, Chain{Name: "streamOptimized", Top: "stream.vmdk"})
+
+	samples := SamplesDir(t)
+	copySample(t, samples, "vmfs_thick.vmdk", dir)
+	copySample(t, samples, "vmfs_thick-flat.vmdk.gz", dir)
+	out = append(out, Chain{Name: "vmfs-thick", Top: "vmfs_thick.vmdk"})
+	copySample(t, samples, "sesparse.vmdk", dir)
+	copySample(t, samples, "sesparse-extent.vmdk.gz", dir)
+	out = append(out, Chain{Name: "seSparse", Top: "sesparse.vmdk"})
+
+	for i := range out {
+		out[i].Raw = filepath.Join(oracleDir, out[i].Name+".raw")
+		sh("qemu-img", "convert", "-O", "raw", out[i].Top, out[i].Raw)
+	}
+	return out
+}
+
+// SamplesDir returns the shared real VMDK samples (../shared/samples/vmdk
+// beside the repository, or /work/shared/samples/vmdk).
+func SamplesDir(t testing.TB) string {
+	t.Helper()
+	wd, _ := os.Getwd()
+	for d := wd; ; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			p := filepath.Join(d, "..", "shared", "samples", "vmdk")
+			if _, err := os.Stat(p); err == nil {
+				return p
+			}
+			break
+		}
+		if filepath.Dir(d) == d {
+			break
+		}
+	}
+	p := "/work/shared/samples/vmdk"
+	if _, err := os.Stat(p); err != nil {
+		t.Fatalf("shared VMDK samples not found beside the repository nor at %s", p)
+	}
+	return p
+}
+
+// copySample copies a sample into dir, decompressing .gz.
+func copySample(t testing.TB, samples, name, dir string) {
+	t.Helper()
+	src := filepath.Join(samples, name)
+	dst := filepath.Join(dir, strings.TrimSuffix(name, ".gz"))
+	var cmd *exec.Cmd
+	if strings.HasSuffix(name, ".gz") {
+		cmd = exec.Command("sh", "-c", `gzip -dc "$1" > "$2"`, "sh", src, dst)
+	} else {
+		cmd = exec.Command("cp", src, dst)
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("sample %s: %v\n%s", name, err, out)
+	}
+	_ = os.Chmod(dst, 0o644)
+}
+
+// SameAsRaw checks that a device reads like the raw file: data extents byte
+// for byte, holes and zero extents as zeros there. Only data is read from
+// the device, so a large sparse disk stays cheap over a network.
+func SameAsRaw(t testing.TB, dev block.Device, rawPath string) {
+	t.Helper()
+	f, err := os.Open(rawPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	st, _ := f.Stat()
+	if dev.Size() != st.Size() {
+		t.Fatalf("size %d, qemu-img says %d", dev.Size(), st.Size())
+	}
+	const chunk = 1 << 20
+	got, want := make([]byte, chunk), make([]byte, chunk)
+	err = block.Walk(context.Background(), dev, 0, dev.Size(), 0, func(e block.Extent) error {
+		for off := e.Off; off < e.End(); off += chunk {
+			n := min(chunk, e.End()-off)
+			if _, err := f.ReadAt(want[:n], off); err != nil && err != io.EOF {
+				t.Fatal(err)
+			}
+			if e.Type.ReadsZero() {
+				if !block.IsZero(want[:n]) {
+					t.Fatalf("%s at %d: we say %s, qemu-img reads data", rawPath, off, e.Type)
+				}
+				continue
+			}
+			if k, err := dev.ReadAt(got[:n], off); int64(k) != n || (err != nil && err != io.EOF) {
+				t.Fatalf("read %d at %d: %d, %v", n, off, k, err)
+			}
+			if !bytes.Equal(got[:n], want[:n]) {
+				t.Fatalf("bytes at %d..%d differ from qemu-img convert -O raw", off, off+n)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
