@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	nethttp "net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -21,14 +22,16 @@ import (
 	"github.com/vmdk2kvm/vmdk2kvm/sources"
 	httpsrc "github.com/vmdk2kvm/vmdk2kvm/sources/http"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/raw"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/vmdk"
 )
 
 // fixture is one simulator with a datastore holding a random file, shared
 // by the tests of this package (a simulator per test would cost seconds).
 type fixture struct {
-	sim  *testpeers.VCSim
-	data []byte
-	name string
+	sim    *testpeers.VCSim
+	data   []byte
+	name   string
+	chains []testpeers.Chain
 }
 
 var (
@@ -67,6 +70,13 @@ func shared(t *testing.T) *fixture {
 		if err := os.WriteFile(filepath.Join(fixDir, f.name), f.data, 0o644); err != nil {
 			t.Fatal(err)
 		}
+		if err := os.MkdirAll(filepath.Join(fixDir, "chains"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.MkdirAll(filepath.Join(fixDir, "oracle"), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		f.chains = testpeers.VMDKChains(t, filepath.Join(fixDir, "chains"), filepath.Join(fixDir, "oracle"))
 		f.sim = testpeers.StartVCSim(holder{t}, fixDir)
 		fix = f
 	})
@@ -399,5 +409,104 @@ func TestRangeNotSatisfiable(t *testing.T) {
 	_, err := img.ReadAt(make([]byte, 512), 600000)
 	if err == nil || !strings.Contains(err.Error(), "not satisfiable") || !strings.Contains(err.Error(), "600000") {
 		t.Fatalf("416: %v", err)
+	}
+}
+
+// TestChainsOverFolder reads VMDK chains in place on the simulator's
+// datastore: descriptors, sparse extents, deltas and their parents are all
+// opened by name over /folder; bytes equal qemu-img's of the local files.
+func TestChainsOverFolder(t *testing.T) {
+	f := shared(t)
+	tr := newTransport(t, f, httpsrc.Config{})
+	reg := sources.NewRegistry().AddTransport(tr).AddFormat(vmdk.Format{}).AddFormat(raw.Format{})
+	for _, c := range f.chains {
+		t.Run(c.Name, func(t *testing.T) {
+			img, err := reg.Open(context.Background(), f.sim.FolderURL("chains/"+c.Top), sources.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer img.Close()
+			if img.Info.Format != "vmdk" {
+				t.Fatalf("format %q", img.Info.Format)
+			}
+			testpeers.SameAsRaw(t, img, c.Raw)
+		})
+	}
+	if st := tr.Stats(); st.Retries != 0 || st.BytesFetched == 0 {
+		t.Fatalf("stats %+v", st)
+	}
+}
+
+// TestQemuReadsSameURL cross-checks with another client: nbdkit's curl
+// plugin reads the same /folder URL and qemu-img reads the VMDK through it.
+func TestQemuReadsSameURL(t *testing.T) {
+	f := shared(t)
+	var c testpeers.Chain
+	for _, ch := range f.chains {
+		if ch.Name == "streamOptimized" {
+			c = ch
+		}
+	}
+	url := f.sim.FolderURL("chains/" + c.Top)
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, "nbdkit", "-f", "--exit-with-parent", "-U", sock, "curl", "url="+url, "sslverify=false")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	for i := 0; i < 100; i++ {
+		if _, err := os.Stat(sock); err == nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	out := filepath.Join(t.TempDir(), "qemu.raw")
+	if b, err := exec.CommandContext(ctx, "qemu-img", "convert", "-f", "vmdk", "-O", "raw", "nbd+unix:///?socket="+sock, out).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img over nbdkit curl: %v\n%s", err, b)
+	}
+	reg := sources.NewRegistry().AddTransport(newTransport(t, f, httpsrc.Config{})).AddFormat(vmdk.Format{})
+	img, err := reg.Open(ctx, url, sources.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	testpeers.SameAsRaw(t, img, out)
+}
+
+// TestChainThroughFaults reads every chain through a proxy that breaks
+// every third GET in a different way: retried, and the bytes still equal
+// qemu-img's.
+func TestChainThroughFaults(t *testing.T) {
+	f := shared(t)
+	px := testpeers.StartFaultProxy(t, f.sim.SDK.String())
+	kinds := []testpeers.Fault{testpeers.Unavailable, testpeers.ResetMidBody, testpeers.Truncate}
+	var mu sync.Mutex
+	gets := 0
+	px.Set(func(n int, r *nethttp.Request) testpeers.Fault {
+		mu.Lock()
+		defer mu.Unlock()
+		if r.Method != nethttp.MethodGet {
+			return testpeers.Pass
+		}
+		gets++
+		if gets%3 == 0 {
+			return kinds[(gets/3)%len(kinds)]
+		}
+		return testpeers.Pass
+	})
+	tr := httpsrc.New(httpsrc.Config{Log: quiet(), Backoff: time.Millisecond})
+	reg := sources.NewRegistry().AddTransport(tr).AddFormat(vmdk.Format{}).AddFormat(raw.Format{})
+	for _, c := range f.chains {
+		img, err := reg.Open(context.Background(), px.Rewrite(f.sim.FolderURL("chains/"+c.Top)), sources.Options{})
+		if err != nil {
+			t.Fatalf("%s: %v", c.Name, err)
+		}
+		testpeers.SameAsRaw(t, img, c.Raw)
+		img.Close()
+	}
+	if st := tr.Stats(); st.Retries == 0 || px.Count(testpeers.ResetMidBody) == 0 {
+		t.Fatalf("no faults hit: %+v", st)
 	}
 }
