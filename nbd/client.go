@@ -119,15 +119,20 @@ func Connect(ctx context.Context, t Target, opts ClientOptions) (*Client, error)
 		}
 	}
 	if c.flags&FlagCanMultiConn != 0 {
+		// Extra connections are a bonus: a server may advertise multi-conn
+		// yet accept only one client at a time (qemu-nbd without -e), so a
+		// slow greeting ends the attempt and the client keeps what it has.
 		for i := 1; i < opts.Connections; i++ {
-			cc, err := c.dial(ctx, contexts)
-			if err == nil && (cc.size != c.size || cc.flags != c.flags) {
-				cc.close()
-				err = fmt.Errorf("nbd %s: connection %d sees a different export (size %d, flags 0x%x)", t, i, cc.size, cc.flags)
-			}
+			ectx, cancel := context.WithTimeout(ctx, 3*time.Second)
+			cc, err := c.dial(ectx, contexts)
+			cancel()
 			if err != nil {
+				break
+			}
+			if cc.size != c.size || cc.flags != c.flags {
+				cc.close()
 				c.Close()
-				return nil, err
+				return nil, fmt.Errorf("nbd %s: connection %d sees a different export (size %d, flags 0x%x)", t, i, cc.size, cc.flags)
 			}
 			c.conns = append(c.conns, cc)
 		}
