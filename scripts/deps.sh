@@ -8,9 +8,9 @@ pkgs=(
   nbdkit libnbd-bin
   openssh-server
   libguestfs-tools libguestfs-dev golang-guestfs-dev linux-image-amd64
-  libvirt-daemon-system libvirt-clients
+  libvirt-daemon-system libvirt-clients libxml2-utils
   busybox-static syslinux-common extlinux debootstrap
-  protobuf-compiler pkg-config gcc make curl bzip2 xz-utils
+  protobuf-compiler pkg-config gcc make curl bzip2 xz-utils time
 )
 
 sudo=""
