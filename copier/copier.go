@@ -31,7 +31,9 @@ type Options struct {
 	// ChunkSize is the largest single read (default 2 MiB).
 	ChunkSize int64
 	// Granule is the size of the aligned blocks checked for zeros inside data
-	// (default 64 KiB; a power of two dividing ChunkSize).
+	// (a power of two dividing ChunkSize). Default: the target's
+	// PreferredGranule when it has one (a qcow2 cluster), else 4 KiB, as
+	// qemu-img's -S default.
 	Granule int64
 	// TargetZeroed says the target already reads as zeros everywhere, so holes
 	// and zeros need no write at all.
@@ -65,6 +67,12 @@ type Stats struct {
 	Elapsed  time.Duration `json:"elapsed_ns"`
 }
 
+// Granular is implemented by targets that prefer zero detection (and so
+// writes) aligned to their own allocation unit, such as a qcow2 cluster.
+type Granular interface {
+	PreferredGranule() int64
+}
+
 type job struct {
 	off, n int64
 	typ    block.ExtentType
@@ -77,6 +85,9 @@ type counters struct {
 // Copy copies src into dst. It does not flush dst: the caller commits.
 func Copy(ctx context.Context, src block.Device, dst block.Writer, opts Options) (Stats, error) {
 	start := time.Now()
+	if g, ok := dst.(Granular); ok && opts.Granule <= 0 {
+		opts.Granule = g.PreferredGranule()
+	}
 	opts = withDefaults(opts)
 	ranges := opts.Ranges
 	if ranges == nil {
@@ -223,7 +234,7 @@ func withDefaults(o Options) Options {
 		o.ChunkSize = 2 << 20
 	}
 	if o.Granule <= 0 || o.Granule > o.ChunkSize || o.ChunkSize%o.Granule != 0 {
-		o.Granule = min(64<<10, o.ChunkSize)
+		o.Granule = min(4<<10, o.ChunkSize)
 	}
 	if o.ProgressEvery <= 0 {
 		o.ProgressEvery = 200 * time.Millisecond

@@ -66,7 +66,9 @@ type File struct {
 // Open opens path read-only. A directory, or anything that is not a regular
 // file or a block device, is refused with a clear error.
 func Open(path string) (*File, error) {
-	f, err := os.Open(path)
+	// O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused
+	// below. It changes nothing for files and block devices.
+	f, err := os.OpenFile(path, os.O_RDONLY|unix.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, cleanErr(err)
 	}

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Copy engine: vmdk2kvm convert raw->raw vs qemu-img convert -O raw on the
+# same generated disk (best of 3, warm page cache), with our peak RSS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/lib.sh
+src=$(gen_disk)
+out="$BENCH_DIR/copy-out.raw"
+cat "$src" >/dev/null # warm the page cache for both tools alike
+ours=$(best_of 3 bin/vmdk2kvm convert -O raw "$src" "$out")
+qemu=$(best_of 3 qemu-img convert -f raw -O raw "$src" "$out")
+qemu-img compare -f raw -F raw "$src" "$out" >/dev/null
+rm -f "$out"
+printf 'copy %s raw->raw: vmdk2kvm %ss (peak RSS %d MiB) | qemu-img %ss | speed ratio %sx (qemu-img time / ours)\n' \
+  "$BENCH_SIZE" "${ours% *}" $(( ${ours#* } / 1024 )) "${qemu% *}" "$(ratio "${qemu% *}" "${ours% *}")"
