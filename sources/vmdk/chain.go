@@ -501,13 +501,12 @@ func (c *Chain) describe(ctx context.Context) error {
 	c.info = sources.Info{Format: "vmdk", VirtualSize: c.size}
 	for i, l := range c.layers {
 		var alloc int64
-		const window = 256 << 20
-		for off := int64(0); off < l.size; off += window {
-			exts, err := l.extents(ctx, off, min(window, l.size-off))
+		for _, p := range l.exts {
+			n, err := p.e.allocated(ctx, p.size)
 			if err != nil {
 				return err
 			}
-			alloc += block.Sum(exts, block.Data)
+			alloc += n
 		}
 		d := l.desc
 		ly := sources.Layer{

@@ -44,6 +44,9 @@ func newCOWDExtent(f sources.File, name string) (*grainTable, *COWDHeader, error
 			t.gtLoc[i] = int64(e) * 512
 		}
 	}
+	if err := t.checkBudget(4); err != nil {
+		return nil, nil, err
+	}
 	t.load = func(i int, loc int64) ([]int64, error) {
 		raw, err := t.readTable("grain table", i, loc, t.perGT, 4)
 		if err != nil {

@@ -71,6 +71,20 @@ func (e *flatExtent) readData(p []byte, segs []seg) error {
 	return nil
 }
 
+func (e *flatExtent) allocated(ctx context.Context, size int64) (int64, error) {
+	segs, err := e.mapRange(ctx, 0, size, nil)
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, s := range segs {
+		if s.typ == block.Data {
+			n += s.n
+		}
+	}
+	return n, nil
+}
+
 func (e *flatExtent) close() error { return e.f.Close() }
 
 // zeroExtent is a ZERO extent: it stores nothing and reads as zeros. It
@@ -83,3 +97,5 @@ func (zeroExtent) mapRange(_ context.Context, off, n int64, segs []seg) ([]seg, 
 
 func (zeroExtent) readData([]byte, []seg) error { return nil }
 func (zeroExtent) close() error                 { return nil }
+
+func (zeroExtent) allocated(context.Context, int64) (int64, error) { return 0, nil }

@@ -52,6 +52,9 @@ type extent interface {
 	mapRange(ctx context.Context, off, n int64, segs []seg) ([]seg, error)
 	// readData reads consecutive Data segs into p, which covers them exactly.
 	readData(p []byte, segs []seg) error
+	// allocated returns the bytes of data the extent holds in its first
+	// size bytes.
+	allocated(ctx context.Context, size int64) (int64, error)
 	close() error
 }
 
@@ -93,6 +96,22 @@ const gtCacheBytes = 32 << 20
 func (t *grainTable) init() {
 	t.cache = map[int][]int64{}
 	t.cacheMax = max(16, int(gtCacheBytes/(8*t.perGT)))
+}
+
+// checkBudget refuses a directory that lists more grain tables than the
+// file can hold: tables cannot overlap in a sound file, so this bounds the
+// work and memory of reading every table by the file size.
+func (t *grainTable) checkBudget(entrySize int64) error {
+	var n int64
+	for _, l := range t.gtLoc {
+		if l >= 0 {
+			n++
+		}
+	}
+	if n*t.perGT*entrySize > t.fsize {
+		return fmt.Errorf("%s: grain directory lists %d grain tables of %d bytes, more than the file (%d bytes) can hold", t.name, n, t.perGT*entrySize, t.fsize)
+	}
+	return nil
 }
 
 // table returns the normalised entries of grain table i (nil: all holes).
@@ -163,13 +182,16 @@ func (t *grainTable) mapRange(_ context.Context, off, n int64, segs []seg) ([]se
 		if err != nil {
 			return nil, err
 		}
+		if ents == nil { // no grain table: the whole table's span is a hole
+			segEnd := min((int64(gt)+1)*t.perGT*t.grain, end, t.covered)
+			segs = appendSeg(segs, seg{off: pos, n: segEnd - pos, typ: block.Hole})
+			pos = segEnd
+			continue
+		}
 		for gi := g % t.perGT; gi < t.perGT && pos < end && pos < t.covered; gi++ {
 			gs := g * t.grain
 			segEnd := min(gs+t.grain, end, t.covered)
-			e := entHole
-			if ents != nil {
-				e = ents[gi]
-			}
+			e := ents[gi]
 			s := seg{off: pos, n: segEnd - pos}
 			switch {
 			case e == entHole:
@@ -187,6 +209,31 @@ func (t *grainTable) mapRange(_ context.Context, off, n int64, segs []seg) ([]se
 		}
 	}
 	return segs, nil
+}
+
+// allocated counts the bytes of data grains in the first size bytes.
+func (t *grainTable) allocated(_ context.Context, size int64) (int64, error) {
+	size = min(size, t.covered)
+	grains := (size + t.grain - 1) / t.grain
+	var n int64
+	for gt := range t.gtLoc {
+		if int64(gt)*t.perGT >= grains {
+			break
+		}
+		ents, err := t.table(gt)
+		if err != nil {
+			return 0, err
+		}
+		for i, e := range ents {
+			if int64(gt)*t.perGT+int64(i) >= grains {
+				break
+			}
+			if e >= 0 {
+				n += t.grain
+			}
+		}
+	}
+	return n, nil
 }
 
 func (t *grainTable) readData(p []byte, segs []seg) error {

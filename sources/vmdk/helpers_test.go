@@ -326,3 +326,5 @@ func (c *Chain) hasFlat() bool {
 }
 
 func readFileT(p string) ([]byte, error) { return os.ReadFile(p) }
+
+func checkCover(exts []block.Extent, off, n int64) error { return block.Check(exts, off, n) }

@@ -65,6 +65,9 @@ func newSESparseExtent(f sources.File, name string) (*grainTable, *SESparseHeade
 		}
 		t.gtLoc[i] = int64(h.GrainTables[0]+idx*h.GrainTableSize) * 512
 	}
+	if err := t.checkBudget(8); err != nil {
+		return nil, nil, err
+	}
 	nGrains := h.Grains[1] / h.GrainSize
 	t.load = func(i int, loc int64) ([]int64, error) {
 		raw, err := t.readTable("grain table", i, loc, t.perGT, 8)

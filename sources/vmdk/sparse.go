@@ -106,6 +106,9 @@ func newSparseExtent(f sources.File, name string, h *SparseHeader) (*grainTable,
 			return nil, fmt.Errorf("%s: grain directory entry %d points at offset %d, beyond the end of the file (%d bytes)", name, i, t.gtLoc[i], t.fsize)
 		}
 	}
+	if err := t.checkBudget(4); err != nil {
+		return nil, err
+	}
 	zeroed := h.Flags&flagZeroedGTE != 0
 	t.load = func(i int, loc int64) ([]int64, error) {
 		raw, err := t.readTable("grain table", i, loc, t.perGT, 4)
