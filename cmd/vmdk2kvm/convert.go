@@ -31,7 +31,7 @@ func convertCommand() *cli.Command {
 				return fmt.Errorf("convert: want SRC and DST, got %d arguments", c.NArg())
 			}
 			src, dst := c.Args().Get(0), c.Args().Get(1)
-			img, err := newSources().Open(c.Context, src, sourceOptions(c))
+			img, err := sourcesFor(c).Open(c.Context, src, sourceOptions(c))
 			if err != nil {
 				return err
 			}

@@ -14,10 +14,10 @@ import (
 )
 
 func sourceFlags() []cli.Flag {
-	return []cli.Flag{
+	return append([]cli.Flag{
 		&cli.StringFlag{Name: "format", Aliases: []string{"f"}, Usage: "source format (default: probe)"},
 		&cli.BoolFlag{Name: "allow-stale-chain", Usage: "open a snapshot chain whose parent changed after the child was made"},
-	}
+	}, remoteFlags()...)
 }
 
 func sourceOptions(c *cli.Context) sources.Options {
@@ -49,7 +49,7 @@ func infoCommand() *cli.Command {
 			if c.NArg() != 1 {
 				return fmt.Errorf("info: want exactly one SRC, got %d arguments", c.NArg())
 			}
-			img, err := newSources().Open(c.Context, c.Args().First(), sourceOptions(c))
+			img, err := sourcesFor(c).Open(c.Context, c.Args().First(), sourceOptions(c))
 			if err != nil {
 				return err
 			}

@@ -1,20 +1,33 @@
 package main
 
 import (
+	"github.com/urfave/cli/v2"
+
 	"github.com/vmdk2kvm/vmdk2kvm/qcow2"
 	"github.com/vmdk2kvm/vmdk2kvm/sinks"
 	rawsink "github.com/vmdk2kvm/vmdk2kvm/sinks/raw"
 	"github.com/vmdk2kvm/vmdk2kvm/sources"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/file"
+	httpsrc "github.com/vmdk2kvm/vmdk2kvm/sources/http"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/ova"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/raw"
+	sshsrc "github.com/vmdk2kvm/vmdk2kvm/sources/ssh"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/vmdk"
 )
 
-// newSources returns every transport and format this binary reads. Formats
-// are probed in order; raw accepts anything and stays last.
-func newSources() *sources.Registry {
+// newSources returns every transport and format this binary reads, with
+// remote transports at their defaults. Formats are probed in order; raw
+// accepts anything and stays last.
+func newSources() *sources.Registry { return sourcesFor(nil) }
+
+// sourcesFor is newSources with a command's remote flags (remote.go)
+// applied to the https and ssh transports.
+func sourcesFor(c *cli.Context) *sources.Registry {
 	r := sources.NewRegistry()
 	r.AddTransport(file.Transport{})
+	r.AddTransport(httpsrc.New(httpConfig(c)))
+	r.AddTransport(sshsrc.New(sshConfig(c)))
+	r.AddFormat(ova.Format{Disks: r})
 	r.AddFormat(vmdk.Format{})
 	r.AddFormat(qcow2.Format{Backing: r.OpenIn})
 	r.AddFormat(raw.Format{})
