@@ -3,7 +3,7 @@
 //
 // The simulator has no QueryChangedDiskAreas and no change IDs. CBTVM wraps
 // its VirtualMachine object (the type embeds *simulator.VirtualMachine and is
-// routed to through vmwaretest.Env.Override, so every other method, snapshots
+// routed to through vmwaretest.Env.Wrap, so every other method, snapshots
 // included, stays the simulator's own):
 //
 //   - CreateSnapshot_Task: when change tracking is enabled on the VM, each
@@ -38,7 +38,6 @@ import (
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/methods"
-	"github.com/vmware/govmomi/vim25/mo"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
 	"golang.org/x/sys/unix"
@@ -63,7 +62,6 @@ type tracked struct {
 	epoch    string // "" = tracking not active yet
 	gen      int    // snapshots taken in this epoch
 	log      []change
-	snaps    map[types.ManagedObjectReference]int
 }
 
 // CBTVM is a simulator VM with change tracking.
@@ -107,25 +105,26 @@ func (vm *CBTVM) CreateSnapshotTask(ctx *simulator.Context, req *types.CreateSna
 		return res
 	}
 	taskRef := body.Res.Returnval
+	gens := map[int32]int{}
+	for _, d := range vm.disks {
+		gens[d.key] = d.gen
+	}
 	go func() {
-		// When the task is done: remember which snapshot holds which
-		// generation, and move the running disk on to a later change ID.
+		// When the task is done, the running disk moves on to a later
+		// change ID than the snapshot's (unless another snapshot came).
 		t, ok := ctx.Map.Get(taskRef).(*simulator.Task)
 		if !ok {
 			return
 		}
 		t.Wait()
-		snap, _ := t.Info.Result.(types.ManagedObjectReference)
-		iso := &simulator.Context{}
-		ctx.Map.WithLock(iso, vm.Self, func() {
+		ctx.Map.WithLock(&simulator.Context{}, vm.Self, func() {
 			vm.mu.Lock()
 			defer vm.mu.Unlock()
 			live := map[int32]string{}
 			for _, d := range vm.disks {
-				if d.epoch == "" {
-					continue
+				if d.epoch == "" || d.gen != gens[d.key] {
+					return
 				}
-				d.snaps[snap] = d.gen
 				live[d.key] = fmt.Sprintf("%s/%d", d.epoch, d.gen+1000000)
 			}
 			vm.setChangeIDs(live)
@@ -167,9 +166,22 @@ func (vm *CBTVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryC
 	if d.epoch == "" {
 		return fail("change tracking is not active on this disk", &types.FileFault{File: d.flat})
 	}
-	snapGen, ok := d.snaps[*req.Snapshot]
-	if !ok {
-		return fail(fmt.Sprintf("snapshot %s is not known to change tracking", req.Snapshot.Value), &types.InvalidArgument{InvalidProperty: "snapshot"})
+	// The snapshot's own disk backing says which generation it froze.
+	snapGen, snapEpoch := -1, ""
+	if so, ok := ctx.Map.Get(*req.Snapshot).(*simulator.VirtualMachineSnapshot); ok {
+		for _, dev := range so.Config.Hardware.Device {
+			if vd, ok := dev.(*types.VirtualDisk); ok && vd.Key == d.key {
+				if b, ok := vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo); ok {
+					if i := strings.LastIndexByte(b.ChangeId, '/'); i > 0 {
+						snapEpoch = b.ChangeId[:i]
+						snapGen, _ = strconv.Atoi(b.ChangeId[i+1:])
+					}
+				}
+			}
+		}
+	}
+	if snapGen < 0 || snapEpoch != d.epoch {
+		return fail(fmt.Sprintf("snapshot %s has no valid change tracking for this disk", req.Snapshot.Value), &types.FileFault{File: d.flat})
 	}
 	if req.StartOffset < 0 || req.StartOffset >= d.capacity {
 		return fail(fmt.Sprintf("startOffset %d outside the disk (%d bytes)", req.StartOffset, d.capacity), &types.InvalidArgument{InvalidProperty: "startOffset"})
@@ -279,30 +291,6 @@ func flatOf(dsDir, fileName string) (desc, flat string) {
 	p.FromString(fileName)
 	desc = filepath.Join(dsDir, filepath.FromSlash(p.Path))
 	return desc, strings.TrimSuffix(desc, ".vmdk") + "-flat.vmdk"
-}
-
-// routeSessions makes the environment's overrides reach calls made in a
-// login session. The simulator consults the session's registry after
-// Registry.Handler, and that registry falls back to the global object, which
-// undoes the override; so the override object is put into the session's own
-// registry as well. The global registry keeps the simulator's object, which
-// its snapshot code type-asserts; the wrapper embeds that object, so every
-// method it does not override, and property collection, behave as before.
-func routeSessions(m *simulator.Model) {
-	reg := m.Map()
-	prev := reg.Handler
-	reg.Handler = func(ctx *simulator.Context, method *simulator.Method) (mo.Reference, types.BaseMethodFault) {
-		if prev == nil {
-			return nil, nil
-		}
-		obj, fault := prev(ctx, method)
-		if obj != nil && fault == nil && ctx.Session != nil && ctx.Session.Registry != nil {
-			if ctx.Session.Registry.Get(method.This) != obj {
-				ctx.Session.Registry.Put(obj)
-			}
-		}
-		return obj, fault
-	}
 }
 
 var _ = context.Background

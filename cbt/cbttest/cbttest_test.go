@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/vim25/mo"
@@ -96,15 +97,24 @@ func TestVSphereProviderAgainstSimulator(t *testing.T) {
 	if r.Full || !equal(r.Extents, want) || r.Token != id2 {
 		t.Fatalf("incremental: full=%v %v token %q", r.Full, r.Extents, r.Token)
 	}
-	// The running VM has moved on to another change ID than the snapshot's.
-	var o mo.VirtualMachine
-	if err := object.NewVirtualMachine(rt, h.VM).Properties(ctx, h.VM, []string{"config.hardware"}, &o); err != nil {
-		t.Fatal(err)
-	}
-	for _, d := range o.Config.Hardware.Device {
-		if vd, ok := d.(*types.VirtualDisk); ok && vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo).ChangeId == id2 {
-			t.Fatalf("VM backing still at the snapshot's change ID %q", id2)
+	// The running VM moves on to another change ID than the snapshot's
+	// (the harness does it when the snapshot task has finished).
+	moved := false
+	for i := 0; i < 100 && !moved; i++ {
+		var o mo.VirtualMachine
+		if err := object.NewVirtualMachine(rt, h.VM).Properties(ctx, h.VM, []string{"config.hardware"}, &o); err != nil {
+			t.Fatal(err)
 		}
+		for _, d := range o.Config.Hardware.Device {
+			if vd, ok := d.(*types.VirtualDisk); ok {
+				id := vd.Backing.(*types.VirtualDiskFlatVer2BackingInfo).ChangeId
+				moved = id != id2 && cbt.ChangeIDEpoch(id) == cbt.ChangeIDEpoch(id2)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !moved {
+		t.Fatalf("VM backing stays at the snapshot's change ID %q", id2)
 	}
 	removeSnapshot(t, h, snap2)
 

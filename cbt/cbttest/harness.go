@@ -10,6 +10,7 @@ import (
 
 	"github.com/vmware/govmomi/find"
 	"github.com/vmware/govmomi/object"
+	"github.com/vmware/govmomi/simulator"
 	"github.com/vmware/govmomi/vim25/types"
 	"golang.org/x/sys/unix"
 
@@ -145,11 +146,9 @@ func Add(ctx context.Context, env *vmwaretest.Env, o Options) (*Harness, error) 
 		}
 	}
 	h.CBT = &CBTVM{VirtualMachine: env.SimVM(h.VM), disks: map[int32]*tracked{
-		DiskKey: {key: DiskKey, flat: h.Flat, desc: h.Desc, capacity: o.Size, snaps: map[types.ManagedObjectReference]int{}},
+		DiskKey: {key: DiskKey, flat: h.Flat, desc: h.Desc, capacity: o.Size},
 	}, PageAreas: o.PageAreas, PageBytes: o.PageBytes}
-	routeSessions(env.Model)
-	env.Override(h.VM, "CreateSnapshot_Task", h.CBT)
-	env.Override(h.VM, "QueryChangedDiskAreas", h.CBT)
+	env.Wrap(h.VM, h.CBT)
 	h.Proxy, err = NewCountingProxy(env.URL)
 	if err != nil {
 		return nil, err
@@ -236,10 +235,12 @@ func (h *Harness) ResetCBT() {
 	defer h.CBT.mu.Unlock()
 	d := h.CBT.disk(DiskKey)
 	d.epoch, d.gen, d.log = newEpoch(), 0, nil
-	d.snaps = map[types.ManagedObjectReference]int{}
 }
 
-// Grow extends the disk to size bytes (file, descriptor and the VM's device).
+// Grow extends the disk to size bytes: the flat file, the descriptor and the
+// capacity of the VM's device. The simulator's own ReconfigVM would recreate
+// the disk file, so the device is updated in place, as vSphere shows a disk
+// grown by "extend".
 func (h *Harness) Grow(ctx context.Context, size int64) error {
 	if err := os.Truncate(h.Flat, size); err != nil {
 		return err
@@ -247,22 +248,22 @@ func (h *Harness) Grow(ctx context.Context, size int64) error {
 	if err := writeDescriptor(h.Desc, filepath.Base(h.Flat), size); err != nil {
 		return err
 	}
-	h.CBT.mu.Lock()
-	d := h.CBT.disk(DiskKey)
-	d.capacity = size
-	h.CBT.mu.Unlock()
-	vm := object.NewVirtualMachine(h.Env.Client.Client, h.VM)
-	devs, err := vm.Device(ctx)
-	if err != nil {
-		return err
-	}
-	for _, dev := range devs {
-		if vd, ok := dev.(*types.VirtualDisk); ok && vd.Key == DiskKey {
-			vd.CapacityInBytes, vd.CapacityInKB = size, size/1024
-			return vm.EditDevice(ctx, vd)
+	found := false
+	h.Env.Model.Map().WithLock(&simulator.Context{}, h.VM, func() {
+		h.CBT.mu.Lock()
+		defer h.CBT.mu.Unlock()
+		h.CBT.disk(DiskKey).capacity = size
+		for _, dev := range h.CBT.Config.Hardware.Device {
+			if vd, ok := dev.(*types.VirtualDisk); ok && vd.Key == DiskKey {
+				vd.CapacityInBytes, vd.CapacityInKB = size, size/1024
+				found = true
+			}
 		}
+	})
+	if !found {
+		return fmt.Errorf("disk %d not found", DiskKey)
 	}
-	return fmt.Errorf("disk %d not found", DiskKey)
+	return nil
 }
 
 // Snapshots lists the names of the VM's snapshots (for assertions).

@@ -1,0 +1,201 @@
+package pipeline
+
+import (
+	"context"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/vmware/govmomi"
+	"github.com/vmware/govmomi/object"
+
+	"github.com/vmdk2kvm/vmdk2kvm/block"
+	"github.com/vmdk2kvm/vmdk2kvm/cbt"
+	"github.com/vmdk2kvm/vmdk2kvm/cbt/cbttest"
+	"github.com/vmdk2kvm/vmdk2kvm/filters"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/testutil"
+	"github.com/vmdk2kvm/vmdk2kvm/qcow2"
+	"github.com/vmdk2kvm/vmdk2kvm/sinks"
+	rawsink "github.com/vmdk2kvm/vmdk2kvm/sinks/raw"
+	"github.com/vmdk2kvm/vmdk2kvm/sources"
+	httpsrc "github.com/vmdk2kvm/vmdk2kvm/sources/http"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/raw"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/vmdk"
+	"github.com/vmdk2kvm/vmdk2kvm/vmware/vmwaretest"
+)
+
+// vsphereSource connects to the harness through its counting proxy, as the
+// CLI does: SOAP for the control plane, /folder ranges for the data.
+func vsphereSource(t *testing.T, h *cbttest.Harness) *VSphereSource {
+	t.Helper()
+	ctx := context.Background()
+	u := *h.Proxy.URL
+	u.User = url.UserPassword(vmwaretest.User, vmwaretest.Password)
+	c, err := govmomi.NewClient(ctx, &u, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Logout(context.Background()) })
+	reg := sources.NewRegistry()
+	reg.AddTransport(httpsrc.New(httpsrc.Config{
+		Insecure: true, User: vmwaretest.User,
+		Password: func() (string, error) { return vmwaretest.Password, nil },
+		Cache:    filters.CacheOptions{BlockSize: 64 << 10, Readahead: -1},
+	}))
+	reg.AddFormat(vmdk.Format{}).AddFormat(raw.Format{})
+	return &VSphereSource{
+		Client: c.Client, VM: h.VM, Name: "/" + vmwaretest.Datacenter + "/vm/" + h.Name, DCPath: vmwaretest.Datacenter,
+		OpenURL: func(ctx context.Context, loc string) (block.Device, error) {
+			img, err := reg.Open(ctx, loc, sources.Options{Format: "vmdk"})
+			if err != nil {
+				return nil, err
+			}
+			return img, nil
+		},
+	}
+}
+
+func newSinks() *sinks.Registry { return sinks.NewRegistry(rawsink.Format{}, qcow2.SinkFormat{}) }
+
+func allocated(t *testing.T, path string, size int64) int64 {
+	t.Helper()
+	var n int64
+	for _, e := range testutil.QemuMap(t, "raw", path) {
+		if e.Data {
+			n += e.Length
+		}
+	}
+	return n
+}
+
+// Rounds against the simulator: after every round the replica equals the
+// disk, and the datastore served the changed bytes, not the disk.
+func TestSyncRoundsAgainstSimulator(t *testing.T) {
+	ctx := context.Background()
+	h := cbttest.New(t, cbttest.Options{Size: 48 << 20, Seed: 3, PageAreas: 3, PageBytes: 4 << 20, PoweredOn: true})
+	src := vsphereSource(t, h)
+	target := t.TempDir()
+	s, err := OpenSync(SyncConfig{Source: src, Target: target, Sinks: newSinks(), Workers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// CBT is off and not to be enabled: a clear error, and no snapshot left.
+	if _, err := s.Round(ctx, ""); err == nil || !strings.Contains(err.Error(), "--enable-cbt") {
+		t.Fatalf("round without CBT: %v", err)
+	}
+	src.EnableCBT = true
+
+	replica := func() string { return filepath.Join(target, s.State.Disks[0].Replica) }
+	check := func(round int, maxRead int64) cbt.Round {
+		t.Helper()
+		h.Proxy.Reset()
+		r, err := s.Round(ctx, "")
+		if err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		testutil.Compare(t, "qcow2", replica(), "raw", h.Flat)
+		testutil.Run(t, "qemu-img", "check", "-f", "qcow2", replica())
+		got := h.Proxy.FolderBytes()
+		if got > maxRead {
+			t.Fatalf("round %d read %d bytes from the datastore, want at most %d (changed %d)", round, got, maxRead, r.Totals.Changed)
+		}
+		if snaps, _ := h.Snapshots(ctx); len(snaps) != 0 {
+			t.Fatalf("round %d left snapshots %v", round, snaps)
+		}
+		t.Logf("round %d (%s): changed %d, read %d (datastore served %d)", round, r.Kind, r.Totals.Changed, r.Totals.Read, got)
+		return r
+	}
+	const meta = 128 << 10 // descriptor reads and the first ranged probe
+	alloc := allocated(t, h.Flat, h.Size())
+	r := check(1, alloc+meta)
+	if r.Kind != "full" || r.Totals.Changed != alloc {
+		t.Fatalf("round 1: kind %s changed %d, want full of %d allocated bytes", r.Kind, r.Totals.Changed, alloc)
+	}
+	tok1 := s.State.Disks[0].Token
+
+	// The guest writes scattered runs and trims a range.
+	wrote, err := h.WriteRandomRuns(7, 12, 64<<10, 512<<10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Discard(40<<20, 3<<20); err != nil {
+		t.Fatal(err)
+	}
+	r = check(2, wrote+3<<20+meta)
+	if r.Kind != "incremental" || r.Totals.Changed > wrote+3<<20 || r.Totals.Changed == 0 {
+		t.Fatalf("round 2: kind %s changed %d (wrote %d + 3 MiB trimmed)", r.Kind, r.Totals.Changed, wrote)
+	}
+	tok2 := s.State.Disks[0].Token
+	if tok2 == tok1 {
+		t.Fatal("change ID not advanced")
+	}
+
+	// Nothing changed: nothing read, but the new change ID is stored.
+	r = check(3, meta)
+	if r.Totals.Changed != 0 || s.State.Disks[0].Token == tok2 {
+		t.Fatalf("round 3: changed %d, token %q (was %q)", r.Totals.Changed, s.State.Disks[0].Token, tok2)
+	}
+
+	// CBT reset: full resync with a warning.
+	h.ResetCBT()
+	if _, err := h.WriteRandomRuns(8, 3, 64<<10, 128<<10); err != nil {
+		t.Fatal(err)
+	}
+	r = check(4, allocated(t, h.Flat, h.Size())+meta)
+	if !r.Disks[0].Full || r.Disks[0].Warning == "" {
+		t.Fatalf("round 4 after reset: %+v", r.Disks[0])
+	}
+
+	// The disk grows and the guest writes into the new space.
+	if err := h.Grow(ctx, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	p := make([]byte, 256<<10)
+	for i := range p {
+		p[i] = byte(i * 7)
+	}
+	if err := h.Write(60<<20, p); err != nil {
+		t.Fatal(err)
+	}
+	r = check(5, int64(len(p))+meta)
+	if !r.Disks[0].Resized {
+		t.Fatal("round 5: replica not resized")
+	}
+	if len(s.State.Rounds) != 5 {
+		t.Fatalf("%d rounds in the state", len(s.State.Rounds))
+	}
+	// The state on disk is what the syncer holds.
+	st, err := cbt.LoadState(filepath.Join(target, cbt.StateFile))
+	if err != nil || st.Disks[0].Token != s.State.Disks[0].Token || st.LastRound() != 5 {
+		t.Fatalf("saved state: %v %+v", err, st)
+	}
+}
+
+// A leftover migration snapshot (a killed run) is found by name and removed.
+func TestLeftoverSnapshot(t *testing.T) {
+	ctx := context.Background()
+	h := cbttest.New(t, cbttest.Options{Size: 8 << 20, CBT: true})
+	src := vsphereSource(t, h)
+	vm := object.NewVirtualMachine(src.Client, h.VM)
+	task, err := vm.CreateSnapshot(ctx, MigrationSnapshot, "", false, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := task.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	left, err := src.Leftovers(ctx)
+	if err != nil || len(left) != 1 {
+		t.Fatalf("leftovers %v %v", left, err)
+	}
+	if err := src.RemoveLeftovers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := src.Leftovers(ctx); len(left) != 0 {
+		t.Fatalf("still there: %v", left)
+	}
+}
+
+var _ = os.Remove
