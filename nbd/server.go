@@ -48,6 +48,10 @@ type ServerOptions struct {
 	// WriteTimeout drops a client that accepts no reply bytes for this long
 	// (default 2 min).
 	WriteTimeout time.Duration
+	// PayloadTimeout drops a client whose WRITE payload does not arrive in
+	// this time after its header (default 1 min), so a stalled client
+	// cannot hold request memory forever.
+	PayloadTimeout time.Duration
 }
 
 // Server exports devices over NBD. It is safe for concurrent use; one Server
@@ -88,6 +92,9 @@ func NewServer(opts ServerOptions, exports ...Export) (*Server, error) {
 	opts.Memory = max(opts.Memory, opts.ConnMemory)
 	if opts.HandshakeTimeout <= 0 {
 		opts.HandshakeTimeout = 30 * time.Second
+	}
+	if opts.PayloadTimeout <= 0 {
+		opts.PayloadTimeout = time.Minute
 	}
 	if opts.WriteTimeout <= 0 {
 		opts.WriteTimeout = 2 * time.Minute

@@ -68,19 +68,21 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) error {
 		if req.typ == CmdDisc {
 			return nil // the deferred Wait answers what is in flight first
 		}
+		if req.typ == CmdWrite && req.length > MaxRequest {
+			// The payload cannot be skipped without reading it all.
+			return fmt.Errorf("WRITE of %d bytes exceeds the maximum block size %d", req.length, MaxRequest)
+		}
 		w := c.weight(req)
 		if err := c.acquire(ctx, w); err != nil {
 			return err
 		}
 		var payload *[]byte
 		if req.typ == CmdWrite {
-			if req.length > MaxRequest {
-				c.release(w)
-				// The payload cannot be skipped without reading it all.
-				return fmt.Errorf("WRITE of %d bytes exceeds the maximum block size %d", req.length, MaxRequest)
-			}
 			payload = c.s.pools.get(int(req.length))
-			if _, err := io.ReadFull(c.r, (*payload)[:req.length]); err != nil {
+			c.nc.SetReadDeadline(time.Now().Add(c.s.opts.PayloadTimeout))
+			_, err := io.ReadFull(c.r, (*payload)[:req.length])
+			c.nc.SetReadDeadline(time.Time{})
+			if err != nil {
 				c.s.pools.put(payload)
 				c.release(w)
 				return fmt.Errorf("reading WRITE payload: %w", err)
@@ -103,7 +105,7 @@ func (c *serverConn) weight(req request) int64 {
 	n := int64(minWeight)
 	switch req.typ {
 	case CmdWrite:
-		n = int64(req.length)
+		n = min(int64(req.length), MaxRequest)
 	case CmdRead:
 		if req.length <= MaxRequest {
 			n = int64(req.length)
