@@ -91,7 +91,8 @@ func (c *codec) decompress(dst, src []byte) error {
 		d, _ := c.zstdR.Get().(*zstd.Decoder)
 		if d == nil {
 			var err error
-			d, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+			d, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true),
+				zstd.WithDecoderMaxMemory(64<<20), zstd.WithDecoderMaxWindow(32<<20))
 			if err != nil {
 				return err
 			}
