@@ -9,6 +9,7 @@ import (
 	"github.com/vmdk2kvm/vmdk2kvm/sources"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/file"
 	httpsrc "github.com/vmdk2kvm/vmdk2kvm/sources/http"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/nbdsrc"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/ova"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/raw"
 	sshsrc "github.com/vmdk2kvm/vmdk2kvm/sources/ssh"
@@ -27,6 +28,7 @@ func sourcesFor(c *cli.Context) *sources.Registry {
 	r.AddTransport(file.Transport{})
 	r.AddTransport(httpsrc.New(httpConfig(c)))
 	r.AddTransport(sshsrc.New(sshConfig(c)))
+	r.AddDevices(nbdsrc.Opener{})
 	r.AddFormat(ova.Format{Disks: r})
 	r.AddFormat(vmdk.Format{})
 	r.AddFormat(qcow2.Format{Backing: r.OpenIn})
