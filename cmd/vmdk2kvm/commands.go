@@ -8,6 +8,6 @@ func commands() []*cli.Command {
 		versionCommand(),
 		infoCommand(),
 		convertCommand(),
-		serveCommand(),
+		vsphereCommand(), vspherePlanCommand(),
 	}
 }
