@@ -1,15 +1,12 @@
 package vmdk
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
 	"sync"
-
-	"github.com/klauspost/compress/zlib"
 
 	"github.com/vmdk2kvm/vmdk2kvm/block"
 	"github.com/vmdk2kvm/vmdk2kvm/sources"
@@ -391,44 +388,14 @@ func (t *grainTable) inflateInto(dst []byte, s seg, z []byte) error {
 	return nil
 }
 
-type inflater struct {
-	br bytes.Reader
-	zr io.ReadCloser
-}
-
-// inflate decompresses a zlib stream into out (the stream must fit in it)
-// and returns its length; the zlib checksum is verified.
+// inflate decompresses a zlib stream into out with a pooled inflater.
 func (t *grainTable) inflate(out []byte, z []byte) (int, error) {
 	in, _ := t.zr.Get().(*inflater)
 	if in == nil {
 		in = &inflater{}
 	}
 	defer t.zr.Put(in)
-	in.br.Reset(z)
-	var err error
-	if in.zr == nil {
-		in.zr, err = zlib.NewReader(&in.br)
-	} else {
-		err = in.zr.(zlib.Resetter).Reset(&in.br, nil)
-	}
-	if err != nil {
-		in.zr = nil
-		return 0, fmt.Errorf("bad zlib header: %w", err)
-	}
-	n, err := io.ReadFull(in.zr, out)
-	switch {
-	case errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF):
-		return n, nil // shorter than a grain: the caller decides
-	case err != nil:
-		return n, fmt.Errorf("inflate: %w", err)
-	}
-	var one [1]byte
-	if m, err := in.zr.Read(one[:]); m > 0 {
-		return n, fmt.Errorf("inflates to more than %d bytes", len(out))
-	} else if err != nil && err != io.EOF {
-		return n, fmt.Errorf("inflate: %w", err)
-	}
-	return n, nil
+	return in.inflate(out, z)
 }
 
 func (t *grainTable) span(n int64) *[]byte {
