@@ -8,6 +8,7 @@ func commands() []*cli.Command {
 		versionCommand(),
 		infoCommand(),
 		convertCommand(),
+		serveCommand(),
 		vsphereCommand(), vspherePlanCommand(),
 	}
 }
