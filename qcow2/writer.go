@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"math/bits"
 	"os"
 	"path/filepath"
@@ -52,6 +53,8 @@ type Writer struct {
 	l2      [][]uint64 // per L1 index; nil until written
 	next    int64      // append pointer (bytes)
 	pending map[int64]*partial
+	seq     int64
+	maxPend int64 // bytes of partial clusters held before evicting
 	done    bool
 }
 
@@ -59,7 +62,15 @@ type Writer struct {
 type partial struct {
 	buf  []byte
 	have []span // written byte ranges, sorted, merged
+	seq  int64  // creation order, to evict the oldest
 }
+
+// maxPendingBytes bounds the partial clusters held in memory. Parts of a
+// cluster that never arrive (the copier skips zero granules and holes)
+// would otherwise keep it pending until Commit; past the bound the oldest
+// is stored as it is (its missing parts read zeros) and a later write to it
+// rewrites it.
+const maxPendingBytes = 64 << 20
 
 type span struct{ s, e int64 }
 
@@ -119,6 +130,7 @@ func Create(path string, size int64, opts sinks.Options) (*Writer, error) {
 		f: f, final: path, size: size, cs: cs, cb: cb, compress: compress,
 		codec: newCodec(typ, opts.CompressLevel), prealloc: prealloc,
 		l2: make([][]uint64, l1n), next: cs, pending: map[int64]*partial{},
+		maxPend: max(maxPendingBytes, 8*cs),
 	}
 	if prealloc {
 		// Every guest cluster gets its host cluster now, in guest order;
@@ -219,23 +231,27 @@ func (w *Writer) writeCompressed(p []byte, off int64) (int, error) {
 		if pt == nil && in == 0 && n == clen {
 			w.mu.Unlock()
 			var err error
-			if comp, err = w.store(vc, chunk, comp[:0]); err != nil {
+			if comp, err = w.store(vc, chunk, comp[:0], false); err != nil {
 				return int(pos - n - off), err
 			}
 			continue
 		}
 		if pt == nil {
-			pt = &partial{buf: make([]byte, w.cs)}
+			w.seq++
+			pt = &partial{buf: make([]byte, w.cs), seq: w.seq}
 			if e := w.get(vc); e != 0 {
 				// Rewriting part of a cluster already stored: start from it.
-				w.mu.Unlock()
 				if err := w.readBack(pt.buf, e); err != nil {
+					w.mu.Unlock()
 					return int(pos - n - off), err
 				}
-				w.mu.Lock()
 				pt.have = []span{{0, clen}}
 			}
 			w.pending[vc] = pt
+			if err := w.evict(); err != nil {
+				w.mu.Unlock()
+				return int(pos - n - off), err
+			}
 		}
 		copy(pt.buf[in:], chunk)
 		pt.add(in, in+n)
@@ -246,12 +262,30 @@ func (w *Writer) writeCompressed(p []byte, off int64) (int, error) {
 		w.mu.Unlock()
 		if full {
 			var err error
-			if comp, err = w.store(vc, pt.buf[:clen], comp[:0]); err != nil {
+			if comp, err = w.store(vc, pt.buf[:clen], comp[:0], false); err != nil {
 				return int(pos - n - off), err
 			}
 		}
 	}
 	return len(p), nil
+}
+
+// evict stores the oldest partial clusters while too many are held. mu held.
+func (w *Writer) evict() error {
+	for int64(len(w.pending))*w.cs > w.maxPend {
+		var old int64 = -1
+		for vc, pt := range w.pending {
+			if old < 0 || pt.seq < w.pending[old].seq {
+				old = vc
+			}
+		}
+		pt := w.pending[old]
+		delete(w.pending, old)
+		if _, err := w.store(old, pt.buf[:min(w.cs, w.size-old*w.cs)], nil, true); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 func (p *partial) add(s, e int64) {
@@ -275,13 +309,20 @@ func (w *Writer) readBack(buf []byte, e uint64) error {
 	if err != nil {
 		return err
 	}
+	// The file may end inside the last cluster or sector: past it is zeros.
 	switch d.kind {
 	case kindNormal:
-		_, err = w.f.ReadAt(buf, int64(d.host))
+		var n int
+		n, err = w.f.ReadAt(buf, int64(d.host))
+		if errors.Is(err, io.EOF) {
+			clear(buf[n:])
+			err = nil
+		}
 	case kindCompressed:
 		src := make([]byte, d.length)
-		if _, err = w.f.ReadAt(src, int64(d.host)); err == nil {
-			err = w.codec.decompress(buf, src)
+		var n int
+		if n, err = w.f.ReadAt(src, int64(d.host)); err == nil || errors.Is(err, io.EOF) {
+			err = w.codec.decompress(buf, src[:n])
 		}
 	}
 	if err != nil {
@@ -292,11 +333,17 @@ func (w *Writer) readBack(buf []byte, e uint64) error {
 
 // store compresses one guest cluster and appends it. A cluster that does
 // not shrink by at least a sector is stored uncompressed, like qemu does.
-func (w *Writer) store(vc int64, data, scratch []byte) ([]byte, error) {
+// held says the caller holds mu (evictions); otherwise compression runs
+// unlocked, in the caller's goroutine, in parallel with other writers.
+func (w *Writer) store(vc int64, data, scratch []byte, held bool) ([]byte, error) {
+	lock, unlock := w.mu.Lock, w.mu.Unlock
+	if held {
+		lock, unlock = func() {}, func() {}
+	}
 	if block.IsZero(data) {
-		w.mu.Lock()
+		lock()
 		w.set(vc, 0)
-		w.mu.Unlock()
+		unlock()
 		return scratch, nil
 	}
 	comp, err := w.codec.compress(scratch, data)
@@ -304,7 +351,7 @@ func (w *Writer) store(vc int64, data, scratch []byte) ([]byte, error) {
 		return scratch, fmt.Errorf("%s: compressing guest cluster %d: %w", w.f.Name(), vc, err)
 	}
 	var host int64
-	w.mu.Lock()
+	lock()
 	if int64(len(comp)) > w.cs-512 {
 		host = (w.next + w.cs - 1) &^ (w.cs - 1)
 		w.next = host + w.cs
@@ -317,8 +364,11 @@ func (w *Writer) store(vc int64, data, scratch []byte) ([]byte, error) {
 		w.next = host + int64(len(comp))
 		w.set(vc, encodeCompressed(uint64(host), int64(len(comp)), w.cb))
 	}
-	w.mu.Unlock()
-	if _, err := w.f.WriteAt(comp, host); err != nil {
+	// Written before unlocking, so a later partial write to the same
+	// cluster always reads it back complete.
+	_, err = w.f.WriteAt(comp, host)
+	unlock()
+	if err != nil {
 		return comp, fmt.Errorf("%s: %w", w.f.Name(), err)
 	}
 	if &comp[0] == &data[0] {
@@ -428,7 +478,7 @@ func (w *Writer) finish() error {
 	}
 	for _, vc := range vcs {
 		clen := min(w.cs, w.size-vc*w.cs)
-		if _, err := w.store(vc, w.pending[vc].buf[:clen], nil); err != nil {
+		if _, err := w.store(vc, w.pending[vc].buf[:clen], nil, false); err != nil {
 			return err
 		}
 		delete(w.pending, vc)

@@ -106,6 +106,7 @@ func TestWriterRandomWrites(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
+			w.maxPend = 3 * w.cs // evict partial clusters early and often
 			model := block.NewMemory(size, 512)
 			rng := rand.New(rand.NewPCG(1, 2))
 			type op struct {
