@@ -108,6 +108,9 @@ func OpenSync(cfg SyncConfig) (*Syncer, error) {
 	return &Syncer{cfg: cfg, State: st, path: p}, nil
 }
 
+// SetProgress sets the copy progress callback.
+func (s *Syncer) SetProgress(f func(disk string, p copier.Progress)) { s.cfg.Progress = f }
+
 // StatePath is where the state lives.
 func (s *Syncer) StatePath() string { return s.path }
 

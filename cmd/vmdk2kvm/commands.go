@@ -9,6 +9,7 @@ func commands() []*cli.Command {
 		infoCommand(),
 		convertCommand(),
 		serveCommand(),
+		syncCommand(),
 		vsphereCommand(), vspherePlanCommand(),
 	}
 }
