@@ -28,7 +28,7 @@ func serveCommand() *cli.Command {
 			"--writable (writes then go to a copy-on-write overlay in memory/temp space, never into SRC).\n" +
 			"Prints the NBD URI to connect to on stdout once ready.",
 		ArgsUsage: "SRC",
-		Flags: append(append(sourceFlags(),
+		Flags: append(sourceFlags(),
 			&cli.StringFlag{Name: "socket", Usage: "serve on this unix socket (default: a new socket in the temp folder)"},
 			&cli.StringFlag{Name: "listen", Usage: "serve on TCP instead: [HOST]:PORT or PORT (HOST defaults to 127.0.0.1; PORT 0 picks one)"},
 			&cli.StringFlag{Name: "export", Usage: "export name (default: the empty, default export)"},
@@ -40,7 +40,7 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "tls-ca", Usage: "require client certificates signed by this CA (PEM)"},
 			&cli.StringFlag{Name: "pidfile", Usage: "write the process id here once serving (removed on exit)"},
 			&cli.BoolFlag{Name: "exit-with-parent", Usage: "stop serving when the parent process exits"},
-		), remoteFlags()...),
+		),
 		Action: runServe,
 	}
 }
