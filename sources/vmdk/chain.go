@@ -522,7 +522,14 @@ func (c *Chain) describe(ctx context.Context) error {
 		}
 		c.info.Layers = append(c.info.Layers, ly)
 	}
-	c.info.Props = c.layers[0].properties()
+	// Disk properties of the chain: each from the topmost layer that has it
+	// (ESXi deltas carry little more than their content IDs).
+	c.info.Props = map[string]string{}
+	for i := len(c.layers) - 1; i >= 0; i-- {
+		for k, v := range c.layers[i].properties() {
+			c.info.Props[k] = v
+		}
+	}
 	if len(c.layers) > 1 {
 		c.info.Props["chain_depth"] = fmt.Sprint(len(c.layers))
 	}

@@ -140,3 +140,17 @@ func mustLayerExtents(t *testing.T, c *Chain, layer int) []block.Extent {
 	}
 	return e
 }
+
+// Chain properties come from the topmost layer that has them: an ESXi
+// delta descriptor has no adapter type, its base does.
+func TestChainPropsFallBackToParents(t *testing.T) {
+	dir := t.TempDir()
+	sample(t, dir, "vmfs_thick.vmdk")
+	sample(t, dir, "vmfs_thick-flat.vmdk")
+	top := sample(t, dir, "vmfs_thick-000001.vmdk")
+	writeCOWD(t, filepath.Join(dir, "vmfs_thick-000001-delta.vmdk"), 4096, map[uint32]cowdGrain{0: pattern(512, 5)})
+	p := mustOpen(t, top, Options{}).Info().Props
+	if p["adapter_type"] != "lsilogic" || p["hardware_version"] != "14" || p["create_type"] != "vmfsSparse" || p["chain_depth"] != "2" {
+		t.Fatalf("props %v", p)
+	}
+}
