@@ -152,7 +152,7 @@ func Launch(ctx context.Context, f Found, o LaunchOptions) (*Plugin, error) {
 		StartTimeout:     o.Timeout,
 		Stderr:           p.stderr,
 		SyncStderr:       p.stderr,
-		Logger:           hclog.New(&hclog.LoggerOptions{Name: "plugin." + f.Name, Output: p.stderr, Level: hclog.Error}),
+		Logger:           hclog.New(&hclog.LoggerOptions{Name: "plugin." + f.Name, Output: io.Discard, Level: hclog.Off}),
 	}
 	if o.SHA256 != "" {
 		want, err := hex.DecodeString(strings.TrimSpace(o.SHA256))
@@ -163,11 +163,23 @@ func Launch(ctx context.Context, f Found, o LaunchOptions) (*Plugin, error) {
 	}
 	p.client = plugin.NewClient(cfg)
 	fail := func(what string, err error) (*Plugin, error) {
+		exited := p.client.Exited()
 		p.client.Kill()
-		if errors.Is(err, plugin.ErrChecksumsDoNotMatch) {
+		msg := err.Error()
+		switch {
+		case errors.Is(err, plugin.ErrChecksumsDoNotMatch):
 			return nil, fmt.Errorf("plugin %s (%s): SHA-256 is %s, pinned %s: refusing to run it", f.Name, f.Path, sum, o.SHA256)
+		case strings.Contains(msg, "timeout while waiting for plugin to start"):
+			return nil, fmt.Errorf("plugin %s (%s): no handshake within %s: killed (hung)%s", f.Name, f.Path, o.Timeout, p.stderrNote())
+		case strings.Contains(strings.ToLower(msg), "incompatible api version"):
+			return nil, fmt.Errorf("plugin %s (%s): wrong handshake: %s (vmdk2kvm speaks fixer protocol %d)", f.Name, f.Path, msg, ProtocolVersion)
+		case exited:
+			return nil, fmt.Errorf("plugin %s (%s): the plugin process crashed or exited during the handshake%s", f.Name, f.Path, p.stderrNote())
 		}
-		return nil, fmt.Errorf("plugin %s (%s): %s: %w%s", f.Name, f.Path, what, err, p.stderrNote())
+		if i := strings.IndexByte(msg, '\n'); i > 0 {
+			msg = msg[:i]
+		}
+		return nil, fmt.Errorf("plugin %s (%s): %s: %s%s", f.Name, f.Path, what, msg, p.stderrNote())
 	}
 	rpc, err := p.client.Client()
 	if err != nil {
@@ -212,6 +224,13 @@ func (p *Plugin) stderrNote() string {
 	if s == "" {
 		return ""
 	}
+	if i := strings.Index(s, "panic: "); i >= 0 {
+		// A Go panic: its message and the first frames say what happened.
+		s = s[i:]
+		if lines := strings.SplitN(s, "\n", 8); len(lines) == 8 {
+			s = strings.Join(lines[:7], "\n") + "\n..."
+		}
+	}
 	if len(s) > 2000 {
 		s = "..." + s[len(s)-2000:]
 	}
@@ -240,6 +259,7 @@ func (p *Plugin) call(ctx context.Context, what string, fn func(context.Context)
 		time.Sleep(25 * time.Millisecond)
 	}
 	if p.client.Exited() {
+		time.Sleep(100 * time.Millisecond) // let go-plugin drain the dead plugin's stderr
 		return fmt.Errorf("plugin %s: %s: the plugin process crashed: %v%s", p.Name, what, err, p.stderrNote())
 	}
 	return fmt.Errorf("plugin %s: %s: %w", p.Name, what, err)

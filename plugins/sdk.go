@@ -91,7 +91,7 @@ func Serve(f Fixer) {
 		Plugins:         plugin.PluginSet{PluginName: &grpcPlugin{impl: &fixerServer{fixer: f}}},
 		GRPCServer:      plugin.DefaultGRPCServer,
 		Logger: hclog.New(&hclog.LoggerOptions{
-			Name: f.Describe().Name, Output: os.Stderr, Level: hclog.Warn,
+			Name: "fixer", Output: os.Stderr, Level: hclog.Warn,
 		}),
 	})
 }

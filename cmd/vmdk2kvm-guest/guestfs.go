@@ -158,8 +158,17 @@ func (s *server) inspect() (*pb.Inspection, error) {
 		if m, err := g.Inspect_get_mountpoints(root); err == nil {
 			mounts = m
 		}
-		if _, ok := mounts["/"]; !ok {
-			mounts["/"] = root
+		// libguestfs passes fstab specs it cannot resolve through unchanged
+		// (e.g. /dev/disk/by-path/...): the root is the inspected root; other
+		// unresolved mounts are skipped (fixers resolve them themselves).
+		mounts["/"] = root
+		for mp, dev := range mounts {
+			if mp == "/" {
+				continue
+			}
+			if _, err := g.Vfs_type(dev); err != nil {
+				delete(mounts, mp)
+			}
 		}
 		// Mount shortest mountpoint first.
 		mps := make([]string, 0, len(mounts))

@@ -9,7 +9,8 @@ func commands() []*cli.Command {
 		infoCommand(),
 		convertCommand(),
 		serveCommand(),
-		syncCommand(),
-		vsphereCommand(), vspherePlanCommand(),
+		syncCommand(), cutoverCommand(),
+		fixCommand(), withVSpherePlan(planCommand()), pluginsCommand(),
+		vsphereCommand(),
 	}
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/vmdk2kvm/vmdk2kvm/block"
 	"github.com/vmdk2kvm/vmdk2kvm/copier"
 	"github.com/vmdk2kvm/vmdk2kvm/progress"
 	"github.com/vmdk2kvm/vmdk2kvm/sinks"
@@ -17,7 +18,7 @@ func convertCommand() *cli.Command {
 		Name:      "convert",
 		Usage:     "copy a source disk (flattening any snapshot chain) into a new image",
 		ArgsUsage: "SRC DST",
-		Flags: append(sourceFlags(),
+		Flags: append(append(sourceFlags(),
 			&cli.StringFlag{Name: "output-format", Aliases: []string{"O"}, Usage: "output format (qcow2 where built in, else raw)"},
 			&cli.StringFlag{Name: "compress", Usage: "compress output clusters: deflate or zstd (qcow2)"},
 			&cli.IntFlag{Name: "compress-level", Usage: "compression level (0: default)"},
@@ -25,7 +26,8 @@ func convertCommand() *cli.Command {
 			&cli.StringFlag{Name: "preallocation", Usage: "qcow2 preallocation: off or metadata"},
 			&cli.IntFlag{Name: "workers", Usage: "parallel readers (0: automatic)"},
 			&cli.BoolFlag{Name: "json", Usage: "progress and summary as JSON lines on stdout"},
-		),
+			&cli.BoolFlag{Name: "fix", Usage: "inspect the guest and run the fixer plugins (into an overlay) before converting"},
+		), fixFlags()...),
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 2 {
 				return fmt.Errorf("convert: want SRC and DST, got %d arguments", c.NArg())
@@ -36,6 +38,13 @@ func convertCommand() *cli.Command {
 				return err
 			}
 			defer img.Close()
+			var dev block.Device = img
+			if c.Bool("fix") {
+				if dev, err = fixForConvert(c, img, dst); err != nil {
+					return err
+				}
+				defer dev.Close()
+			}
 			outs := newSinks()
 			format := c.String("output-format")
 			if format == "" {
@@ -56,7 +65,7 @@ func convertCommand() *cli.Command {
 				mode = progress.JSON
 			}
 			rep := progress.New(mode, "convert", c.App.Writer)
-			st, err := copier.Copy(c.Context, img, out, copier.Options{
+			st, err := copier.Copy(c.Context, dev, out, copier.Options{
 				Workers:      c.Int("workers"),
 				TargetZeroed: true,
 				Progress:     func(p copier.Progress) { rep.Update(p.Done, p.Total) },

@@ -374,7 +374,11 @@ func (p *plan) vmwareTools(ctx context.Context) error {
 			Path:    mask, LinkTarget: "/dev/null",
 		})
 	}
-	// SysV VMware Tools (tarball installs, pre-systemd guests)
+	// SysV VMware Tools (tarball installs, pre-systemd guests); with systemd the
+	// native units above win and the rc links are never used.
+	if p.firstExisting(ctx, "/lib/systemd/systemd", "/usr/lib/systemd/systemd") != "" {
+		return nil
+	}
 	for _, rc := range []string{"/etc/rc2.d", "/etc/rc3.d", "/etc/rc4.d", "/etc/rc5.d", "/etc/rc.d/rc3.d", "/etc/rc.d/rc5.d"} {
 		names, _ := p.g.List(ctx, rc)
 		for _, n := range names {

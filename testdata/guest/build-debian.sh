@@ -92,6 +92,11 @@ sd_mod
 ext4
 EOT
 $sudo sed -i 's/^MODULES=.*/MODULES=list/' "$root/etc/initramfs-tools/initramfs.conf"
+cat <<'EOT' | w /usr/local/sbin/vmdk2kvm-marker 0755
+#!/bin/sh
+# Proof of boot for vmdk2kvm's boot tests: root device, NICs, first motd line.
+echo "VMDK2KVM-BOOT-OK root=$(findmnt -no SOURCE /) nics=$(ls /sys/class/net | tr '\n' ' ')motd=$(head -n1 /etc/motd)" >/dev/ttyS0
+EOT
 cat <<'EOT' | w /etc/systemd/system/vmdk2kvm-marker.service 0644
 [Unit]
 Description=vmdk2kvm boot marker
@@ -99,9 +104,7 @@ After=multi-user.target local-fs.target
 
 [Service]
 Type=oneshot
-StandardOutput=tty
-TTYPath=/dev/ttyS0
-ExecStart=/bin/sh -c 'echo "VMDK2KVM-BOOT-OK root=$(findmnt -no SOURCE /) nics=$(ls /sys/class/net | tr "\n" " ")"'
+ExecStart=/usr/local/sbin/vmdk2kvm-marker
 
 [Install]
 WantedBy=multi-user.target
