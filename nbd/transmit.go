@@ -454,7 +454,10 @@ type bufPools struct {
 	classes [27]sync.Pool // 2^0 .. 2^26 (64 MiB) plus header room
 }
 
-const bufSlack = 64
+const (
+	bufSlack  = 64
+	maxPooled = 4<<20 + bufSlack
+)
 
 func sizeClass(n int) int {
 	k := 12 // never smaller than 4 KiB
@@ -478,6 +481,9 @@ func (p *bufPools) get(n int) *[]byte {
 }
 
 func (p *bufPools) put(b *[]byte) {
+	if cap(*b) > maxPooled {
+		return // rare; pooling it would pin up to 32 MiB per buffer
+	}
 	k := sizeClass(cap(*b))
 	if cap(*b) < 1<<k+bufSlack {
 		k-- // a short buffer goes one class down so gets never see it too small
