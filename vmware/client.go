@@ -211,6 +211,7 @@ func Connect(ctx context.Context, cfg Config) (*Client, error) {
 	if idle > 0 {
 		c.ka = keepalive.NewHandlerSOAP(vc.RoundTripper, idle, nil)
 		vc.RoundTripper = c.ka
+		c.ka.Start() // it starts by itself only on a Login made through it
 	}
 	return c, nil
 }

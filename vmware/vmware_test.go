@@ -15,6 +15,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/property"
@@ -699,4 +700,51 @@ func TestResolveDisks(t *testing.T) {
 		t.Fatalf("vsan: %+v", db[0])
 	}
 	_ = sort.Strings
+}
+
+// loginCounter counts logins and passes them on.
+type loginCounter struct {
+	*simulator.SessionManager
+	n *atomic.Int32
+}
+
+func (s *loginCounter) Login(ctx *simulator.Context, req *types.Login) soap.HasFault {
+	s.n.Add(1)
+	return s.SessionManager.Login(ctx, req)
+}
+
+// TestKeepAlive makes the simulator expire idle sessions after 300 ms: with
+// keep-alive the session survives 1.2 s of idleness on one login; without,
+// the next call logs in again by itself.
+func TestKeepAlive(t *testing.T) {
+	env := vmwaretest.New(t)
+	ctx := context.Background()
+	om := object.NewOptionManager(env.Client.Client, *env.Client.ServiceContent.Setting)
+	if err := om.Update(ctx, []types.BaseOptionValue{&types.OptionValue{Key: "config.vmacore.soap.sessionTimeout", Value: "300ms"}}); err != nil {
+		t.Fatal(err)
+	}
+	smRef := *env.Client.ServiceContent.SessionManager
+	var n atomic.Int32
+	env.Wrap(smRef, &loginCounter{SessionManager: env.Model.Map().Get(smRef).(*simulator.SessionManager), n: &n})
+	for _, tc := range []struct {
+		keepAlive time.Duration
+		logins    int32
+	}{{100 * time.Millisecond, 1}, {-1, 2}} {
+		n.Store(0)
+		c, err := vmware.Connect(ctx, vmware.Config{URL: env.URL.String(), User: vmwaretest.User, Password: vmwaretest.Password, Thumbprint: env.Thumbprint(), KeepAlive: tc.keepAlive})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.FindVM(ctx, vmwaretest.VMWeb); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(1200 * time.Millisecond)
+		if _, err := c.FindVM(ctx, vmwaretest.VMWin); err != nil {
+			t.Fatalf("keep-alive %v: %v", tc.keepAlive, err)
+		}
+		if got := n.Load(); got != tc.logins {
+			t.Errorf("keep-alive %v: %d logins, want %d", tc.keepAlive, got, tc.logins)
+		}
+		c.Close(ctx)
+	}
 }
