@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"sort"
 	"sync"
+	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -55,6 +56,8 @@ type Writer struct {
 	pending map[int64]*partial
 	seq     int64
 	maxPend int64 // bytes of partial clusters held before evicting
+	// unsynced counts bytes written since writeback was last started.
+	unsynced atomic.Int64
 	done    bool
 }
 
@@ -215,7 +218,24 @@ func (w *Writer) WriteAt(p []byte, off int64) (int, error) {
 			return int(r.pos), fmt.Errorf("%s: %w", w.f.Name(), err)
 		}
 	}
+	w.wrote(int64(len(p)))
 	return len(p), nil
+}
+
+// writebackEvery is how many bytes may be written before writeback of the
+// file is started, so that the fsync of Commit finds little left to do.
+const writebackEvery = 64 << 20
+
+// wrote counts written bytes and starts writeback (without waiting for it)
+// every writebackEvery bytes.
+func (w *Writer) wrote(n int64) {
+	if w.unsynced.Add(n) < writebackEvery {
+		return
+	}
+	if v := w.unsynced.Load(); v >= writebackEvery && w.unsynced.CompareAndSwap(v, 0) {
+		// Best effort: Commit's fsync reports any error.
+		_ = unix.SyncFileRange(int(w.f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	}
 }
 
 func (w *Writer) writeCompressed(p []byte, off int64) (int, error) {
@@ -371,6 +391,7 @@ func (w *Writer) store(vc int64, data, scratch []byte, held bool) ([]byte, error
 	if err != nil {
 		return comp, fmt.Errorf("%s: %w", w.f.Name(), err)
 	}
+	w.wrote(int64(len(comp)))
 	if &comp[0] == &data[0] {
 		return scratch, nil
 	}
