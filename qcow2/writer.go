@@ -58,7 +58,7 @@ type Writer struct {
 	maxPend int64 // bytes of partial clusters held before evicting
 	// unsynced counts bytes written since writeback was last started.
 	unsynced atomic.Int64
-	done    bool
+	done     bool
 }
 
 // partial is a compressed-mode cluster written in pieces.
