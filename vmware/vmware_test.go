@@ -9,9 +9,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"reflect"
-	"sort"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -699,7 +699,6 @@ func TestResolveDisks(t *testing.T) {
 	if db[0].Method != "vddk" || db[0].URL != "" || !strings.Contains(strings.Join(db[0].Warnings, " "), "VDDK") {
 		t.Fatalf("vsan: %+v", db[0])
 	}
-	_ = sort.Strings
 }
 
 // loginCounter counts logins and passes them on.
@@ -746,5 +745,47 @@ func TestKeepAlive(t *testing.T) {
 			t.Errorf("keep-alive %v: %d logins, want %d", tc.keepAlive, got, tc.logins)
 		}
 		c.Close(ctx)
+	}
+}
+
+// TestESXi connects to a lone ESXi (the simulator's ESX model): no vCenter,
+// the datacenter is ha-datacenter and URLs go to the host itself.
+func TestESXi(t *testing.T) {
+	m := simulator.ESX()
+	if err := m.Create(); err != nil {
+		t.Fatal(err)
+	}
+	defer m.Remove()
+	m.Service.TLS = new(tls.Config)
+	m.Service.Listen = &url.URL{User: url.UserPassword("root", "esx-pass")}
+	s := m.Service.NewServer()
+	defer s.Close()
+	ctx := context.Background()
+	tp, _ := vmware.Thumbprints(s.Certificate().Raw)
+	c, err := vmware.Connect(ctx, vmware.Config{URL: s.URL.Host, User: "root", Password: "esx-pass", Thumbprint: tp})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	if c.IsVC() {
+		t.Fatal("ESX model reported as vCenter")
+	}
+	es, err := c.List(ctx, "/ha-datacenter/vm")
+	if err != nil || len(es) == 0 {
+		t.Fatalf("list: %v %v", es, err)
+	}
+	vm, err := c.FindVM(ctx, es[0].Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if vm.DCPath != "ha-datacenter" {
+		t.Fatalf("dc path %q", vm.DCPath)
+	}
+	ps, err := c.ResolveDisks(ctx, vm, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ps) == 0 || !strings.HasPrefix(ps[0].URL, "https://"+s.URL.Host+"/folder/") || !strings.Contains(ps[0].URL, "dcPath=ha-datacenter") || ps[0].HostURL != "" {
+		t.Fatalf("paths %+v", ps)
 	}
 }
