@@ -367,7 +367,8 @@ func checkInfo(t *testing.T, env *vmwaretest.Env, m mo.VirtualMachine, info *vmw
 			case *types.VirtualEthernetCardDistributedVirtualPortBackingInfo:
 				net = readName(t, env, types.ManagedObjectReference{Type: "DistributedVirtualPortgroup", Value: b.Port.PortgroupKey})
 			}
-			nics = append(nics, vmware.NIC{Key: c.Key, MAC: c.MacAddress, Network: net})
+			adapter := map[string]string{"*types.VirtualVmxnet3": "vmxnet3", "*types.VirtualE1000e": "e1000e", "*types.VirtualE1000": "e1000", "*types.VirtualPCNet32": "pcnet32", "*types.VirtualVmxnet2": "vmxnet2"}[fmt.Sprintf("%T", d)]
+			nics = append(nics, vmware.NIC{Key: c.Key, MAC: c.MacAddress, Network: net, Adapter: adapter, Connected: c.Connectable != nil && c.Connectable.StartConnected})
 		case *types.VirtualDisk:
 			disks = append(disks, x)
 		case *types.ParaVirtualSCSIController:
@@ -392,6 +393,8 @@ func checkInfo(t *testing.T, env *vmwaretest.Env, m mo.VirtualMachine, info *vmw
 		eq("nic key", g.Key, n.Key)
 		eq("nic mac", g.MAC, n.MAC)
 		eq("nic network", g.Network, n.Network)
+		eq("nic adapter", g.Adapter, n.Adapter)
+		eq("nic start connected", g.Connected, n.Connected)
 	}
 	if len(info.Controllers) != len(ctlType) {
 		t.Errorf("controllers: got %+v, want %v", info.Controllers, ctlType)
@@ -442,6 +445,13 @@ func checkInfo(t *testing.T, env *vmwaretest.Env, m mo.VirtualMachine, info *vmw
 		eq("mode", g.Mode, mode)
 		eq("independent", g.Independent, strings.HasPrefix(mode, "independent"))
 		eq("change id", g.ChangeID, changeID)
+		wantCBT := m.Config.ChangeTrackingEnabled != nil && *m.Config.ChangeTrackingEnabled
+		for _, o := range m.Config.ExtraConfig {
+			if ov := o.GetOptionValue(); ov.Key == g.Address+".ctkEnabled" {
+				wantCBT = strings.EqualFold(fmt.Sprint(ov.Value), "true")
+			}
+		}
+		eq("disk cbt", g.CBT, wantCBT)
 		var got []string
 		for _, l := range g.Chain {
 			got = append(got, l.File)
