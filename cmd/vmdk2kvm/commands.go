@@ -12,5 +12,6 @@ func commands() []*cli.Command {
 		syncCommand(), cutoverCommand(),
 		fixCommand(), withVSpherePlan(planCommand()), pluginsCommand(),
 		vsphereCommand(),
+		overlayCommand(),
 	}
 }
