@@ -140,6 +140,9 @@ func TestVSphereCLI(t *testing.T) {
 		return append(append([]string{"vsphere"}, sub[:len(sub)-1]...), append(conn, sub[len(sub)-1])...)
 	}
 
+	if r := run(t, pw, "vsphere", "ls", "--vcenter", env.URL.Host, "--user", vmwaretest.User, "--insecure", "/"); r.code != 0 || !strings.Contains(r.stderr, "warning: --insecure") || !strings.Contains(r.stdout, "DC1") {
+		t.Fatalf("--insecure: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
 	if out := ok(vs("ls", "/DC0/vm")...); !strings.Contains(out, "web01") || !strings.Contains(out, "VirtualMachine") {
 		t.Fatalf("ls:\n%s", out)
 	}
