@@ -122,7 +122,7 @@ func Cutover(ctx context.Context, cfg CutoverConfig) (*Report, error) {
 
 	t0 = now()
 	if cfg.BootTest == nil {
-		steps = append(steps, Step{Name: "boot-test", Status: "skipped", Detail: "not requested (--boot-test)"})
+		steps = append(steps, Step{Name: "boot-test", Status: "skipped", Detail: "not run by cutover (boot the domain with virsh, or validate its boot test)"})
 	} else if step("boot-test", t0, cfg.BootTest(ctx, xmlPath), "") != nil {
 		return rep(), fmt.Errorf("cutover: boot test failed (the replicas are untouched)")
 	}

@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -28,9 +29,13 @@ import (
 func main() {
 	bin := flag.String("bin", "bin/vmdk2kvm", "the vmdk2kvm binary")
 	work := flag.String("work", "", "work folder (default: a new temporary folder, kept)")
-	size := flag.Int64("size", 256<<20, "disk size in bytes")
+	sizeFlag := flag.String("size", "256M", "disk size (bytes, or with a K, M or G suffix)")
 	flag.Parse()
-	if err := run(*bin, *work, *size); err != nil {
+	size, err := parseSize(*sizeFlag)
+	if err == nil {
+		err = run(*bin, *work, size)
+	}
+	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo-warm: %v\n", err)
 		os.Exit(1)
 	}
@@ -112,6 +117,23 @@ func run(bin, work string, size int64) error {
 		filepath.Join(target, cbt.StateFile), filepath.Join(target, "sync-report.html"),
 		filepath.Join(target, "cutover-report.html"), filepath.Join(target, st.Cutover.DomainXML))
 	return nil
+}
+
+func parseSize(s string) (int64, error) {
+	mult := int64(1)
+	switch {
+	case strings.HasSuffix(s, "K"):
+		mult, s = 1<<10, strings.TrimSuffix(s, "K")
+	case strings.HasSuffix(s, "M"):
+		mult, s = 1<<20, strings.TrimSuffix(s, "M")
+	case strings.HasSuffix(s, "G"):
+		mult, s = 1<<30, strings.TrimSuffix(s, "G")
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 || n*mult%(1<<20) != 0 {
+		return 0, fmt.Errorf("-size %q: want a positive multiple of 1 MiB", s)
+	}
+	return n * mult, nil
 }
 
 func step(format string, args ...any) {
