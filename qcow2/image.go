@@ -182,6 +182,15 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 		c := int(min(int64(n-done), im.cs-in))
 		im.mu.Lock()
 		e, err := im.lookup(vc)
+		// Coalesce following clusters stored right after this one.
+		for e.kind == kindNormal && err == nil && done+c < n {
+			next, nerr := im.lookup(vc + 1)
+			if nerr != nil || next.kind != kindNormal || next.host != e.host+uint64(in)+uint64(c) {
+				break
+			}
+			vc++
+			c += int(min(int64(n-done-c), im.cs))
+		}
 		im.mu.Unlock()
 		if err != nil {
 			return done, err
