@@ -414,8 +414,14 @@ func (w *Writer) Zero(off, length int64) error {
 		if err == nil {
 			return nil
 		}
-		_, err = w.f.WriteAt(make([]byte, length), w.cs+off)
-		return err
+		zeros := make([]byte, min(length, 1<<20))
+		for pos := off; pos < off+length; pos += int64(len(zeros)) {
+			n := min(int64(len(zeros)), off+length-pos)
+			if _, err := w.f.WriteAt(zeros[:n], w.cs+pos); err != nil {
+				return fmt.Errorf("%s: %w", w.f.Name(), err)
+			}
+		}
+		return nil
 	}
 	var zeros []byte
 	for pos, end := off, off+length; pos < end; {
