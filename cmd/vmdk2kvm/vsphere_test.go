@@ -8,7 +8,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"libvirt.org/go/libvirtxml"
@@ -18,36 +17,15 @@ import (
 	"github.com/vmdk2kvm/vmdk2kvm/vmware/vmwaretest"
 )
 
-var (
-	vsphereCLIOnce sync.Once
-	vsphereCLIPath string
-	vsphereCLIErr  error
-)
-
-// vsphereCLI builds the binary once for the package's tests.
-func vsphereCLI(t *testing.T) string {
+// buildVSphereCLI builds the binary into the calling test's temporary folder.
+func buildVSphereCLI(t *testing.T) string {
 	t.Helper()
-	vsphereCLIOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "vmdk2kvm-cli-")
-		if err != nil {
-			vsphereCLIErr = err
-			return
-		}
-		vsphereCLIPath = filepath.Join(dir, "vmdk2kvm")
-		out, err := exec.Command("go", "build", "-o", vsphereCLIPath, ".").CombinedOutput()
-		if err != nil {
-			vsphereCLIErr = &buildError{string(out)}
-		}
-	})
-	if vsphereCLIErr != nil {
-		t.Fatal(vsphereCLIErr)
+	bin := filepath.Join(t.TempDir(), "vmdk2kvm")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
 	}
-	return vsphereCLIPath
+	return bin
 }
-
-type buildError struct{ out string }
-
-func (e *buildError) Error() string { return "go build: " + e.out }
 
 type cliResult struct {
 	stdout, stderr string
@@ -55,9 +33,9 @@ type cliResult struct {
 }
 
 // run runs the CLI with the password in the environment (never in argv).
-func run(t *testing.T, password string, args ...string) cliResult {
+func run(t *testing.T, bin, password string, args ...string) cliResult {
 	t.Helper()
-	cmd := exec.Command(vsphereCLI(t), args...)
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "VMDK2KVM_PASSWORD="+password, "VMDK2KVM_VCENTER=", "VMDK2KVM_USER=")
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
@@ -87,22 +65,30 @@ func failsInOneLine(t *testing.T, r cliResult, want string) {
 	}
 }
 
-func TestVSphereCLIErrors(t *testing.T) {
+// TestVSphereCLI runs the built binary against the simulator: errors first,
+// then every vsphere command and plan.
+func TestVSphereCLI(t *testing.T) {
+	bin := buildVSphereCLI(t)
+	t.Run("errors", func(t *testing.T) { vsphereCLIErrors(t, bin) })
+	t.Run("commands", func(t *testing.T) { vsphereCLICommands(t, bin) })
+}
+
+func vsphereCLIErrors(t *testing.T, bin string) {
 	env := vmwaretest.New(t)
 	pw := vmwaretest.Password
 	conn := []string{"--vcenter", env.URL.Host, "--user", vmwaretest.User}
 	tp := []string{"--thumbprint", env.Thumbprint()}
 
 	// A self-signed certificate without --thumbprint: the thumbprint is printed with how to pin it.
-	r := run(t, pw, append(append([]string{"vsphere", "info"}, conn...), vmwaretest.VMWeb)...)
+	r := run(t, bin, pw, append(append([]string{"vsphere", "info"}, conn...), vmwaretest.VMWeb)...)
 	failsInOneLine(t, r, "--thumbprint "+env.Thumbprint())
 
 	// Wrong password.
-	r = run(t, "wrong-"+pw, append(append(append([]string{"vsphere", "info"}, conn...), tp...), vmwaretest.VMWeb)...)
+	r = run(t, bin, "wrong-"+pw, append(append(append([]string{"vsphere", "info"}, conn...), tp...), vmwaretest.VMWeb)...)
 	failsInOneLine(t, r, "wrong user name or password")
 
 	// Unknown VM.
-	r = run(t, pw, append(append(append([]string{"vsphere", "info"}, conn...), tp...), "no-such-vm")...)
+	r = run(t, bin, pw, append(append(append([]string{"vsphere", "info"}, conn...), tp...), "no-such-vm")...)
 	failsInOneLine(t, r, `no VM "no-such-vm"`)
 
 	// Unreachable host.
@@ -112,25 +98,25 @@ func TestVSphereCLIErrors(t *testing.T) {
 	}
 	dead := l.Addr().String()
 	l.Close()
-	r = run(t, pw, "plan", "vsphere://"+vmwaretest.User+"@"+dead+"/DC0/vm/web01")
+	r = run(t, bin, pw, "plan", "vsphere://"+vmwaretest.User+"@"+dead+"/DC0/vm/web01")
 	failsInOneLine(t, r, "cannot reach "+dead)
 
 	// A password in the URI is refused without echoing it.
-	r = run(t, pw, "plan", "vsphere://u:"+pw+"@"+env.URL.Host+"/DC0/vm/web01")
+	r = run(t, bin, pw, "plan", "vsphere://u:"+pw+"@"+env.URL.Host+"/DC0/vm/web01")
 	failsInOneLine(t, r, "must not carry a password")
 
 	// CBT needs consent.
-	r = run(t, pw, append(append(append([]string{"vsphere", "cbt", "enable"}, conn...), tp...), vmwaretest.VMDB)...)
+	r = run(t, bin, pw, append(append(append([]string{"vsphere", "cbt", "enable"}, conn...), tp...), vmwaretest.VMDB)...)
 	failsInOneLine(t, r, "--yes")
 }
 
-func TestVSphereCLI(t *testing.T) {
+func vsphereCLICommands(t *testing.T, bin string) {
 	env := vmwaretest.New(t)
 	pw := vmwaretest.Password
 	conn := []string{"--vcenter", env.URL.Host, "--user", vmwaretest.User, "--thumbprint", env.Thumbprint()}
 	ok := func(args ...string) string {
 		t.Helper()
-		r := run(t, pw, args...)
+		r := run(t, bin, pw, args...)
 		if r.code != 0 {
 			t.Fatalf("%v: exit %d\n%s", args, r.code, r.stderr)
 		}
@@ -140,7 +126,7 @@ func TestVSphereCLI(t *testing.T) {
 		return append(append([]string{"vsphere"}, sub[:len(sub)-1]...), append(conn, sub[len(sub)-1])...)
 	}
 
-	if r := run(t, pw, "vsphere", "ls", "--vcenter", env.URL.Host, "--user", vmwaretest.User, "--insecure", "/"); r.code != 0 || !strings.Contains(r.stderr, "warning: --insecure") || !strings.Contains(r.stdout, "DC1") {
+	if r := run(t, bin, pw, "vsphere", "ls", "--vcenter", env.URL.Host, "--user", vmwaretest.User, "--insecure", "/"); r.code != 0 || !strings.Contains(r.stderr, "warning: --insecure") || !strings.Contains(r.stdout, "DC1") {
 		t.Fatalf("--insecure: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
 	if out := ok(vs("ls", "/DC0/vm")...); !strings.Contains(out, "web01") || !strings.Contains(out, "VirtualMachine") {
