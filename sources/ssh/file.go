@@ -95,7 +95,6 @@ type execFile struct {
 	path   string
 	desc   string
 	size   int64
-	sem    chan struct{}
 	closed atomic.Bool
 }
 
@@ -119,8 +118,7 @@ func (c *conn) openExec(ctx context.Context, p, desc string) (*execFile, error) 
 	if err != nil || size < 0 {
 		return nil, fmt.Errorf("%s: stat printed %q, not a size", desc, s)
 	}
-	return &execFile{c: c, path: p, desc: desc, size: size,
-		sem: make(chan struct{}, c.t.cfg.Connections)}, nil
+	return &execFile{c: c, path: p, desc: desc, size: size}, nil
 }
 
 // run runs a command and returns its stdout.
@@ -179,8 +177,8 @@ func (f *execFile) ReadAt(p []byte, off int64) (int, error) {
 // dividing both its start and length, so any POSIX dd works (no
 // iflag=skip_bytes needed).
 func (f *execFile) readChunk(p []byte, off int64) error {
-	f.sem <- struct{}{}
-	defer func() { <-f.sem }()
+	f.c.sem <- struct{}{} // sessions in flight are bounded per connection
+	defer func() { <-f.c.sem }()
 	start := off &^ 511
 	end := (off + int64(len(p)) + 511) &^ 511
 	bs := int64(1) << min(20, bits.TrailingZeros64(uint64(end-start)), tz(start))

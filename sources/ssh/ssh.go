@@ -209,8 +209,9 @@ type conn struct {
 	t      *Transport
 	key    string
 	client *gossh.Client
-	sftp   *sftp.Client // nil: exec mode
-	refs   int          // guarded by t.mu
+	sftp   *sftp.Client  // nil: exec mode
+	sem    chan struct{} // bounds exec channels in flight (sshd's MaxSessions defaults to 10)
+	refs   int           // guarded by t.mu
 }
 
 // Mode reports "sftp" or "exec" for the host of an FS, connecting if needed.
@@ -270,7 +271,7 @@ func (t *Transport) dial(ctx context.Context, tg target) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &conn{t: t, key: tg.key(), client: client}
+	c := &conn{t: t, key: tg.key(), client: client, sem: make(chan struct{}, min(t.cfg.Connections, 8))}
 	if t.cfg.Mode == "exec" {
 		return c, nil
 	}
