@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmware/govmomi/find"
 	"github.com/vmware/govmomi/object"
 	"github.com/vmware/govmomi/property"
 	"github.com/vmware/govmomi/simulator"
@@ -228,6 +229,30 @@ func TestFindVM(t *testing.T) {
 	vm, err := c.FindVM(ctx, "DC1_H0_VM0")
 	if err != nil || vm.Datacenter != "DC1" {
 		t.Fatalf("DC1_H0_VM0: %+v %v", vm, err)
+	}
+	// A second web01, in DC1: the name is ambiguous, the paths are not.
+	finder := find.NewFinder(env.Client.Client, false)
+	dc1, err := finder.Datacenter(ctx, "DC1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	finder.SetDatacenter(dc1)
+	host, err := finder.HostSystem(ctx, "DC1_H0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, _ := host.ResourcePool(ctx)
+	folders, _ := dc1.Folders(ctx)
+	task, err := folders.VmFolder.CreateVM(ctx, types.VirtualMachineConfigSpec{Name: vmwaretest.VMWeb, GuestId: "otherGuest",
+		Files: &types.VirtualMachineFileInfo{VmPathName: "[LocalDS_0] web01-dc1/web01.vmx"}}, pool, host)
+	if err != nil || task.Wait(ctx) != nil {
+		t.Fatalf("create a second web01: %v", err)
+	}
+	if _, err := c.FindVM(ctx, vmwaretest.VMWeb); err == nil || !strings.Contains(err.Error(), "ambiguous") || !strings.Contains(err.Error(), "/DC1/vm/web01") || !strings.Contains(err.Error(), "/DC0/vm/web01") {
+		t.Fatalf("want an ambiguity naming both paths, got %v", err)
+	}
+	if vm, err := c.FindVM(ctx, "/DC1/vm/web01"); err != nil || vm.Datacenter != "DC1" {
+		t.Fatalf("/DC1/vm/web01: %+v %v", vm, err)
 	}
 	for _, spec := range []string{"nope", "/DC0/vm/nope", "vm-99999", "4213a1b2-ffff-4c3d-9e8f-aabbccddee01"} {
 		_, err := c.FindVM(ctx, spec)
