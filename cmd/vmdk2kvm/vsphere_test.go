@@ -178,3 +178,16 @@ func vsphereCLICommands(t *testing.T, bin string) {
 	}
 	t.Logf("vmdk2kvm plan %s\n%s", uri, text)
 }
+
+func TestParseRate(t *testing.T) {
+	for in, want := range map[string]int64{"100MiB": 100 << 20, "1.5GiB": 3 << 29, "500M": 500 << 20, "4096": 4096, "64KiB/s": 64 << 10} {
+		if got, err := parseRate(in); err != nil || got != want {
+			t.Errorf("%s: %d %v, want %d", in, got, err, want)
+		}
+	}
+	for _, bad := range []string{"", "0", "-1MiB", "fast", "0.1B"} {
+		if _, err := parseRate(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
