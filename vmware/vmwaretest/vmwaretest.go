@@ -38,6 +38,11 @@
 //
 //	func (vm *myVM) QueryChangedDiskAreas(ctx *simulator.Context, req *types.QueryChangedDiskAreas) soap.HasFault
 //
+// Any managed object can be wrapped the same way (a test counts logins by
+// wrapping the SessionManager). Wrappers are registered in the calling
+// session's registry on its first call, so only SOAP dispatch and that
+// session's property reads see them.
+//
 // Reads back for assertions should go through Env.Client (a govmomi client
 // with its own session), never through the code under test.
 package vmwaretest
