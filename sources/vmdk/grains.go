@@ -401,7 +401,12 @@ func (t *grainTable) inflate(out []byte, z []byte) (int, error) {
 func (t *grainTable) span(n int64) *[]byte {
 	bp, _ := t.spans.Get().(*[]byte)
 	if bp == nil || int64(cap(*bp)) < n {
-		b := make([]byte, n)
+		// Round up so that pooled buffers fit the next request too.
+		c := int64(256 << 10)
+		for c < n {
+			c *= 2
+		}
+		b := make([]byte, n, c)
 		return &b
 	}
 	*bp = (*bp)[:n]
