@@ -35,11 +35,13 @@ const (
 	// Truncate sends the headers and half the body, then closes the
 	// connection cleanly (a body shorter than its Content-Length).
 	Truncate
+	// Unauthorized answers 401 without asking upstream (an expired session).
+	Unauthorized
 	numFaults
 )
 
 func (f Fault) String() string {
-	return [...]string{"pass", "503", "ignore-range", "slow", "reset-mid-body", "truncate"}[f]
+	return [...]string{"pass", "503", "ignore-range", "slow", "reset-mid-body", "truncate", "401"}[f]
 }
 
 // FaultProxy is an HTTP proxy in front of a real server that misbehaves on
@@ -112,6 +114,9 @@ func (p *FaultProxy) serve(w http.ResponseWriter, r *http.Request) {
 	switch f {
 	case Unavailable:
 		http.Error(w, "injected 503", http.StatusServiceUnavailable)
+		return
+	case Unauthorized:
+		http.Error(w, "injected 401", http.StatusUnauthorized)
 		return
 	case Slow:
 		select {

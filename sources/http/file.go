@@ -84,6 +84,8 @@ var ErrRangeIgnored = errors.New("server ignored the Range header")
 
 var errStalled = errors.New("no data within the timeout")
 
+var errUnauthorized = errors.New("not authorized")
+
 // fetch fills buf from off, retrying transient failures with backoff. A
 // retry resumes where the last attempt stopped; the attempts are counted
 // from the last progress.
@@ -101,7 +103,7 @@ func (f *File) fetch(ctx context.Context, buf []byte, off int64) error {
 			return fmt.Errorf("%s: read at offset %d: %w", f.url, off+int64(done), ctx.Err())
 		}
 		var p permanent
-		if errors.As(err, &p) {
+		if errors.As(err, &p) && !(errors.Is(err, errUnauthorized) && f.c.relogin(ctx)) {
 			return err
 		}
 		if n > 0 {
@@ -237,7 +239,7 @@ func (f *File) statusError(resp *nethttp.Response, off, last int64) error {
 	case code == nethttp.StatusNotFound:
 		return permanent{fmt.Errorf("%s: %w", msg, fs.ErrNotExist)}
 	case code == nethttp.StatusUnauthorized || code == nethttp.StatusForbidden:
-		return permanent{fmt.Errorf("%s: not authorized (give --user and a password via --password-file or VMDK2KVM_PASSWORD)", msg)}
+		return permanent{fmt.Errorf("%s: %w (give --user and a password via --password-file or VMDK2KVM_PASSWORD)", msg, errUnauthorized)}
 	case code >= 500 || code == nethttp.StatusTooManyRequests:
 		return fmt.Errorf("%s", msg)
 	}
@@ -285,7 +287,7 @@ func (f *File) stat(ctx context.Context) (int64, error) {
 			return size, nil
 		}
 		var p permanent
-		if errors.As(err, &p) || ctx.Err() != nil {
+		if ctx.Err() != nil || (errors.As(err, &p) && !(errors.Is(err, errUnauthorized) && f.c.relogin(ctx))) {
 			return 0, err
 		}
 		if attempt >= cfg.Attempts {

@@ -194,6 +194,8 @@ type client struct {
 	host *url.URL // scheme://host, for login
 	user string
 
+	tls *tls.Config // for logging in again
+
 	mu       sync.Mutex
 	password *string // fetched once
 	cookie   *nethttp.Cookie
@@ -221,7 +223,7 @@ func (t *Transport) newClient(ctx context.Context, u *url.URL, user string) (*cl
 		WriteBufferSize:       16 << 10,
 	}
 	host := &url.URL{Scheme: u.Scheme, Host: u.Host}
-	c := &client{t: t, hc: &nethttp.Client{Transport: tr}, host: host, user: user}
+	c := &client{t: t, hc: &nethttp.Client{Transport: tr}, host: host, user: user, tls: tlsConf}
 	if user == "" || t.cfg.Auth == "none" {
 		return c, nil
 	}

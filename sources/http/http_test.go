@@ -253,8 +253,31 @@ func TestSessionCookie(t *testing.T) {
 	if _, err := img.ReadAt(buf, 8192); err != nil || !bytes.Equal(buf, f.data[8192:8192+4096]) {
 		t.Fatalf("read: %v", err)
 	}
+	// An expired session (401) logs in again and the read goes on.
+	logins := 0
+	px.Set(func(n int, r *nethttp.Request) testpeers.Fault {
+		mu.Lock()
+		defer mu.Unlock()
+		if r.URL.Path == "/sdk" {
+			logins++
+		}
+		if strings.HasPrefix(r.URL.Path, "/folder/") && r.Method == nethttp.MethodGet {
+			cookies = append(cookies, r.Header.Get("Cookie"))
+			if len(cookies) == 1 {
+				return testpeers.Unauthorized
+			}
+		}
+		return testpeers.Pass
+	})
+	cookies = nil
+	if _, err := img.ReadAt(buf, 5<<20); err != nil || !bytes.Equal(buf, f.data[5<<20:5<<20+4096]) {
+		t.Fatalf("read after an expired session: %v", err)
+	}
 	mu.Lock()
 	defer mu.Unlock()
+	if logins == 0 || px.Count(testpeers.Unauthorized) != 1 {
+		t.Fatalf("401: %d SOAP requests, %d injected", logins, px.Count(testpeers.Unauthorized))
+	}
 	if len(cookies) == 0 {
 		t.Fatal("no /folder request seen")
 	}

@@ -42,3 +42,21 @@ func (c *client) login(ctx context.Context, tlsConf *tls.Config) error {
 	}
 	return fmt.Errorf("%s: login as %q gave no %s cookie", sdk, c.user, sessionCookie)
 }
+
+// relogin replaces a session the server no longer accepts (a 401 on
+// /folder after hours of copying); it reports whether to try again. Callers
+// count it as a failed attempt, which bounds the logins.
+func (c *client) relogin(ctx context.Context) bool {
+	c.mu.Lock()
+	session := c.cookie != nil
+	c.mu.Unlock()
+	if !session {
+		return false
+	}
+	if err := c.login(ctx, c.tls); err != nil {
+		c.t.cfg.Log.Warn("vSphere session rejected and logging in again failed", "host", c.host.Host, "err", err)
+		return false
+	}
+	c.t.cfg.Log.Info("vSphere session renewed", "host", c.host.Host)
+	return true
+}
