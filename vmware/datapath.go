@@ -179,7 +179,7 @@ func (c *Client) resolveDisk(info *VMInfo, d Disk, snap string, dsTypes map[stri
 		p.Pinned = true
 		p.Warnings = append(p.Warnings, fmt.Sprintf("the VM is running on %s, which holds the lock of the top file: read at a snapshot (convert and sync take one) or through that host", info.Host))
 	}
-	if d.Independent {
+	if d.Independent && !strings.HasPrefix(d.Provisioning, "rdm-") { // an RDM gets its own warning
 		p.Warnings = append(p.Warnings, "independent disk: snapshots do not capture it, so a running VM's copy of it is not consistent; power the VM off to copy it")
 	}
 	for _, l := range d.Chain {
