@@ -47,11 +47,8 @@ func newCOWDExtent(f sources.File, name string) (*grainTable, *COWDHeader, error
 	if err := t.checkBudget(4); err != nil {
 		return nil, nil, err
 	}
-	t.load = func(i int, loc int64) ([]int64, error) {
-		raw, err := t.readTable("grain table", i, loc, t.perGT, 4)
-		if err != nil {
-			return nil, err
-		}
+	t.entrySize = 4
+	t.decode = func(i int, raw []uint64) ([]int64, error) {
 		out := make([]int64, len(raw))
 		for j, e := range raw {
 			switch e {

@@ -69,11 +69,8 @@ func newSESparseExtent(f sources.File, name string) (*grainTable, *SESparseHeade
 		return nil, nil, err
 	}
 	nGrains := h.Grains[1] / h.GrainSize
-	t.load = func(i int, loc int64) ([]int64, error) {
-		raw, err := t.readTable("grain table", i, loc, t.perGT, 8)
-		if err != nil {
-			return nil, err
-		}
+	t.entrySize = 8
+	t.decode = func(i int, raw []uint64) ([]int64, error) {
 		out := make([]int64, len(raw))
 		for j, e := range raw {
 			switch e >> 60 {

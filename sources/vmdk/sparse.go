@@ -110,11 +110,8 @@ func newSparseExtent(f sources.File, name string, h *SparseHeader) (*grainTable,
 		return nil, err
 	}
 	zeroed := h.Flags&flagZeroedGTE != 0
-	t.load = func(i int, loc int64) ([]int64, error) {
-		raw, err := t.readTable("grain table", i, loc, t.perGT, 4)
-		if err != nil {
-			return nil, err
-		}
+	t.entrySize = 4
+	t.decode = func(i int, raw []uint64) ([]int64, error) {
 		out := make([]int64, len(raw))
 		for j, e := range raw {
 			switch {
