@@ -380,7 +380,22 @@ func (fsys *FS) Open(ctx context.Context, name string) (sources.File, error) {
 		return f, nil
 	}
 	// The cache owns f: closing it closes f.
-	return filters.NewCache(f, size, fsys.t.cfg.Cache), nil
+	return &cachedFile{Cache: filters.NewCache(f, size, fsys.t.cfg.Cache), t: fsys.t, url: f.url}, nil
+}
+
+// cachedFile logs what reading the file cost when it is closed (--verbose).
+type cachedFile struct {
+	*filters.Cache
+	t   *Transport
+	url string
+}
+
+func (c *cachedFile) Close() error {
+	cs, ts := c.Cache.Stats(), c.t.Stats()
+	c.t.cfg.Log.Info("https file closed", "url", c.url, "cache_hits", cs.Hits, "cache_misses", cs.Misses,
+		"readahead_blocks", cs.Readaheads, "large_reads", cs.Bypassed, "transport_requests", ts.Requests,
+		"transport_retries", ts.Retries, "transport_bytes_fetched", ts.BytesFetched)
+	return c.Cache.Close()
 }
 
 // pinError is a certificate that does not match the pinned thumbprint.

@@ -201,7 +201,21 @@ func (fsys *FS) Open(ctx context.Context, name string) (sources.File, error) {
 	if fsys.t.cfg.Cache.MaxBytes < 0 {
 		return f, nil
 	}
-	return filters.NewCache(f, f.Size(), fsys.t.cfg.Cache), nil
+	return &cachedFile{Cache: filters.NewCache(f, f.Size(), fsys.t.cfg.Cache), log: fsys.t.cfg.Log, desc: fsys.Describe(name)}, nil
+}
+
+// cachedFile logs what reading the file cost when it is closed (--verbose).
+type cachedFile struct {
+	*filters.Cache
+	log  *slog.Logger
+	desc string
+}
+
+func (c *cachedFile) Close() error {
+	cs := c.Cache.Stats()
+	c.log.Info("ssh file closed", "file", c.desc, "cache_hits", cs.Hits, "cache_misses", cs.Misses,
+		"readahead_blocks", cs.Readaheads, "large_reads", cs.Bypassed, "bytes_read", cs.BytesBelow)
+	return c.Cache.Close()
 }
 
 // conn is one SSH connection, shared by the files of a host.
