@@ -153,7 +153,7 @@ func runFix(c *cli.Context, image string, dryRun bool) error {
 	if err != nil {
 		return err
 	}
-	img, err := newSources().Open(c.Context, image, sourceOptions(c))
+	img, err := sourcesFor(c).Open(c.Context, image, sourceOptions(c))
 	if err != nil {
 		return err
 	}
