@@ -67,6 +67,12 @@ func TestRemoteSources(t *testing.T) {
 			if b, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", dst, chain.Raw).CombinedOutput(); err != nil {
 				t.Fatalf("qemu-img compare: %v\n%s", err, b)
 			}
+			// serve exports the flattened remote chain over NBD; qemu-img reads it.
+			sock := filepath.Join(t.TempDir(), "nbd.sock")
+			uri, _ := startServe(t, append(append([]string{"--socket", sock}, tc.args...), tc.url)...)
+			if b, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", chain.Raw, uri).CombinedOutput(); err != nil {
+				t.Fatalf("qemu-img compare with %s: %v\n%s", uri, err, b)
+			}
 		})
 	}
 	// An unknown host key is refused, saying how to trust it.
