@@ -11,23 +11,112 @@ import (
 	"os"
 	"strconv"
 	"strings"
-	"sync/atomic"
+	"sync"
+	"time"
 
 	"github.com/pkg/sftp"
 	gossh "golang.org/x/crypto/ssh"
 	"golang.org/x/sync/errgroup"
 )
 
-// sftpFile is a remote file read over SFTP.
-type sftpFile struct {
+// remote is one open remote file and the connection it is read on. When the
+// connection dies (a reset, an ESXi host dropping idle sessions) the next
+// read dials again and reopens the file, a bounded number of times.
+type remote struct {
+	t    *Transport
+	tg   target
+	path string
+	desc string
+	size int64
+
+	mu     sync.Mutex
+	gen    int // bumped by each reconnect
 	c      *conn
-	f      *sftp.File
-	desc   string
-	size   int64
-	closed atomic.Bool
+	sf     *sftp.File // SFTP mode; nil over exec
+	closed bool
 }
 
-func (c *conn) openSFTP(p, desc string) (*sftpFile, error) {
+// maxReconnects bounds how often one read dials again.
+const maxReconnects = 3
+
+func (r *remote) current() (int, *conn, *sftp.File, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return 0, nil, nil, fmt.Errorf("%s: read after close", r.desc)
+	}
+	return r.gen, r.c, r.sf, nil
+}
+
+// recover reports whether a failed read is worth another try: the
+// connection of generation gen died, and a new one (with the file reopened)
+// replaced it.
+func (r *remote) recover(gen int, c *conn, readErr error) bool {
+	select {
+	case <-c.dead:
+	case <-time.After(2 * time.Second):
+		return false // the connection is alive: the error is the file's
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return false
+	}
+	if r.gen != gen {
+		return true // another reader already reconnected
+	}
+	r.t.cfg.Log.Warn("ssh connection lost, reconnecting", "file", r.desc, "err", readErr)
+	nc, err := r.t.acquire(context.Background(), r.tg)
+	if err != nil {
+		r.t.cfg.Log.Warn("ssh reconnect failed", "file", r.desc, "err", err)
+		return false
+	}
+	var sf *sftp.File
+	if r.sf != nil {
+		if nc.sftp == nil {
+			nc.release()
+			return false
+		}
+		if sf, err = nc.sftp.Open(r.path); err == nil {
+			var st os.FileInfo
+			if st, err = sf.Stat(); err == nil && st.Size() != r.size {
+				err = fmt.Errorf("size changed from %d to %d bytes", r.size, st.Size())
+			}
+			if err != nil {
+				sf.Close()
+			}
+		}
+		if err != nil {
+			r.t.cfg.Log.Warn("ssh reopen failed", "file", r.desc, "err", err)
+			nc.release()
+			return false
+		}
+		r.sf.Close()
+	}
+	r.c.release()
+	r.c, r.sf, r.gen = nc, sf, r.gen+1
+	return true
+}
+
+func (r *remote) close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil
+	}
+	r.closed = true
+	var err error
+	if r.sf != nil {
+		err = r.sf.Close()
+	}
+	r.c.release()
+	return err
+}
+
+// sftpFile is a remote file read over SFTP.
+type sftpFile struct{ *remote }
+
+func (c *conn) openSFTP(tg target, p, desc string) (*sftpFile, error) {
 	f, err := c.sftp.Open(p)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", desc, sftpErr(err))
@@ -41,7 +130,7 @@ func (c *conn) openSFTP(p, desc string) (*sftpFile, error) {
 		f.Close()
 		return nil, fmt.Errorf("%s: is a directory, not a disk image", desc)
 	}
-	return &sftpFile{c: c, f: f, desc: desc, size: st.Size()}, nil
+	return &sftpFile{&remote{t: c.t, tg: tg, path: p, desc: desc, size: st.Size(), c: c, sf: f}}, nil
 }
 
 // sftpErr maps SFTP status codes to fs errors.
@@ -66,8 +155,18 @@ func (f *sftpFile) ReadAt(p []byte, off int64) (int, error) {
 		return 0, io.EOF
 	}
 	want := p[:min(int64(len(p)), f.size-off)]
-	n, err := f.f.ReadAt(want, off)
-	if err != nil && !(errors.Is(err, io.EOF) && n == len(want)) {
+	for try := 0; ; try++ {
+		gen, c, sf, err := f.current()
+		if err != nil {
+			return 0, err
+		}
+		n, err := sf.ReadAt(want, off)
+		if err == nil || (errors.Is(err, io.EOF) && n == len(want)) {
+			break
+		}
+		if try < maxReconnects && f.recover(gen, c, err) {
+			continue
+		}
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF // the file shrank
 		}
@@ -79,29 +178,16 @@ func (f *sftpFile) ReadAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
-func (f *sftpFile) Close() error {
-	if f.closed.Swap(true) {
-		return nil
-	}
-	err := f.f.Close()
-	f.c.release()
-	return err
-}
+func (f *sftpFile) Close() error { return f.close() }
 
 // execFile is a remote file read through exec channels running dd, for
 // servers without an sftp subsystem.
-type execFile struct {
-	c      *conn
-	path   string
-	desc   string
-	size   int64
-	closed atomic.Bool
-}
+type execFile struct{ *remote }
 
 // execChunk bounds one dd's output; larger reads run several in parallel.
 const execChunk = 8 << 20
 
-func (c *conn) openExec(ctx context.Context, p, desc string) (*execFile, error) {
+func (c *conn) openExec(ctx context.Context, tg target, p, desc string) (*execFile, error) {
 	out, err := c.run(ctx, "stat -L -c %s -- "+shellQuote(p)+" 2>&1 || { echo; echo 'vmdk2kvm: stat failed'; }")
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", desc, err)
@@ -118,7 +204,7 @@ func (c *conn) openExec(ctx context.Context, p, desc string) (*execFile, error) 
 	if err != nil || size < 0 {
 		return nil, fmt.Errorf("%s: stat printed %q, not a size", desc, s)
 	}
-	return &execFile{c: c, path: p, desc: desc, size: size}, nil
+	return &execFile{&remote{t: c.t, tg: tg, path: p, desc: desc, size: size, c: c}}, nil
 }
 
 // run runs a command and returns its stdout.
@@ -147,9 +233,6 @@ func (c *conn) run(ctx context.Context, cmd string) ([]byte, error) {
 func (f *execFile) Size() int64 { return f.size }
 
 func (f *execFile) ReadAt(p []byte, off int64) (int, error) {
-	if f.closed.Load() {
-		return 0, fmt.Errorf("%s: read after close", f.desc)
-	}
 	if off < 0 {
 		return 0, fmt.Errorf("%s: read at negative offset %d", f.desc, off)
 	}
@@ -161,7 +244,18 @@ func (f *execFile) ReadAt(p []byte, off int64) (int, error) {
 	for pos := 0; pos < len(want); pos += execChunk {
 		piece := want[pos:min(pos+execChunk, len(want))]
 		at := off + int64(pos)
-		g.Go(func() error { return f.readChunk(piece, at) })
+		g.Go(func() error {
+			for try := 0; ; try++ {
+				gen, c, _, err := f.current()
+				if err != nil {
+					return err
+				}
+				err = f.readChunk(c, piece, at)
+				if err == nil || try >= maxReconnects || !f.recover(gen, c, err) {
+					return err
+				}
+			}
+		})
 	}
 	if err := g.Wait(); err != nil {
 		return 0, err
@@ -176,14 +270,14 @@ func (f *execFile) ReadAt(p []byte, off int64) (int, error) {
 // boundaries and dd's block size is the largest power of two (up to 1 MiB)
 // dividing both its start and length, so any POSIX dd works (no
 // iflag=skip_bytes needed).
-func (f *execFile) readChunk(p []byte, off int64) error {
-	f.c.sem <- struct{}{} // sessions in flight are bounded per connection
-	defer func() { <-f.c.sem }()
+func (f *execFile) readChunk(c *conn, p []byte, off int64) error {
+	c.sem <- struct{}{} // sessions in flight are bounded per connection
+	defer func() { <-c.sem }()
 	start := off &^ 511
 	end := (off + int64(len(p)) + 511) &^ 511
 	bs := int64(1) << min(20, bits.TrailingZeros64(uint64(end-start)), tz(start))
 	cmd := fmt.Sprintf("dd if=%s bs=%d skip=%d count=%d", shellQuote(f.path), bs, start/bs, (end-start)/bs)
-	s, err := f.c.client.NewSession()
+	s, err := c.client.NewSession()
 	if err != nil {
 		return fmt.Errorf("%s: exec channel: %w", f.desc, err)
 	}
@@ -227,12 +321,7 @@ func shortErr(err error) error {
 	return err
 }
 
-func (f *execFile) Close() error {
-	if !f.closed.Swap(true) {
-		f.c.release()
-	}
-	return nil
-}
+func (f *execFile) Close() error { return f.close() }
 
 // shellQuote quotes s for a POSIX shell.
 func shellQuote(s string) string {

@@ -190,9 +190,9 @@ func (fsys *FS) Open(ctx context.Context, name string) (sources.File, error) {
 	p := fsys.Path(name)
 	var f sources.File
 	if c.sftp != nil {
-		f, err = c.openSFTP(p, fsys.Describe(name))
+		f, err = c.openSFTP(fsys.tg, p, fsys.Describe(name))
 	} else {
-		f, err = c.openExec(ctx, p, fsys.Describe(name))
+		f, err = c.openExec(ctx, fsys.tg, p, fsys.Describe(name))
 	}
 	if err != nil {
 		c.release()
@@ -225,6 +225,7 @@ type conn struct {
 	client *gossh.Client
 	sftp   *sftp.Client  // nil: exec mode
 	sem    chan struct{} // bounds exec channels in flight (sshd's MaxSessions defaults to 10)
+	dead   chan struct{} // closed when the connection ends
 	refs   int           // guarded by t.mu
 }
 
@@ -246,8 +247,12 @@ func (t *Transport) acquire(ctx context.Context, tg target) (*conn, error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if c, ok := t.conns[tg.key()]; ok {
-		c.refs++
-		return c, nil
+		select {
+		case <-c.dead: // lost: its files let go of it as they reconnect
+		default:
+			c.refs++
+			return c, nil
+		}
 	}
 	c, err := t.dial(ctx, tg)
 	if err != nil {
@@ -263,7 +268,7 @@ func (c *conn) release() {
 	c.t.mu.Lock()
 	c.refs--
 	last := c.refs == 0
-	if last {
+	if last && c.t.conns[c.key] == c {
 		delete(c.t.conns, c.key)
 	}
 	c.t.mu.Unlock()
@@ -285,7 +290,8 @@ func (t *Transport) dial(ctx context.Context, tg target) (*conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &conn{t: t, key: tg.key(), client: client, sem: make(chan struct{}, min(t.cfg.Connections, 8))}
+	c := &conn{t: t, key: tg.key(), client: client, sem: make(chan struct{}, min(t.cfg.Connections, 8)), dead: make(chan struct{})}
+	go func() { client.Wait(); close(c.dead) }()
 	if t.cfg.Mode == "exec" {
 		return c, nil
 	}

@@ -149,3 +149,46 @@ func TestHostKeys(t *testing.T) {
 		t.Fatalf("password in URL: %v", err)
 	}
 }
+
+// TestReconnect cuts the TCP connection under open files (SFTP and exec):
+// the next reads dial again, reopen the file and return the right bytes.
+func TestReconnect(t *testing.T) {
+	dir, oracle := t.TempDir(), t.TempDir()
+	var chain testpeers.Chain
+	for _, c := range testpeers.VMDKChains(t, dir, oracle) {
+		if c.Name == "sparse-chain" {
+			chain = c
+		}
+	}
+	for _, mode := range []string{"sftp", "exec"} {
+		t.Run(mode, func(t *testing.T) {
+			sshd := testpeers.StartSSHD(t, testpeers.SSHDOptions{NoSFTP: mode == "exec"})
+			px := testpeers.StartTCPProxy(t, sshd.Addr)
+			var log bytes.Buffer
+			tr := sshsrc.New(sshsrc.Config{KeyFiles: []string{sshd.KeyFile}, HostKeyFingerprint: gossh.FingerprintSHA256(sshd.HostKey),
+				AgentSocket: "none", Log: slog.New(slog.NewTextHandler(&log, nil))})
+			loc := fmt.Sprintf("ssh://%s@%s%s", sshd.User, px.Addr, filepath.Join(dir, chain.Top))
+			img, err := registry(tr).Open(context.Background(), loc, sources.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer img.Close()
+			want, _ := os.ReadFile(chain.Raw)
+			buf := make([]byte, 64<<10)
+			if _, err := img.ReadAt(buf, 0); err != nil || !bytes.Equal(buf, want[:len(buf)]) {
+				t.Fatalf("first read: %v", err)
+			}
+			px.Cut()
+			// Offsets the cache has not seen, in both layers of the chain.
+			for _, off := range []int64{1<<20 + 4096, 5<<20 + 8192, 7 << 20} {
+				if _, err := img.ReadAt(buf, off); err != nil || !bytes.Equal(buf, want[off:off+int64(len(buf))]) {
+					t.Fatalf("read at %d after the cut: %v", off, err)
+				}
+			}
+			if !strings.Contains(log.String(), "reconnecting") {
+				t.Fatalf("no reconnect logged: %s", log.String())
+			}
+			testpeers.SameAsRaw(t, img, chain.Raw)
+		})
+	}
+}
