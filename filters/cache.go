@@ -34,6 +34,15 @@ type CacheStats struct {
 	BytesBelow int64 `json:"bytes_below"`
 }
 
+// Add adds o's counters to s.
+func (s *CacheStats) Add(o CacheStats) {
+	s.Hits += o.Hits
+	s.Misses += o.Misses
+	s.Readaheads += o.Readaheads
+	s.Bypassed += o.Bypassed
+	s.BytesBelow += o.BytesBelow
+}
+
 // Cache is a bounded read cache with readahead over an io.ReaderAt (a remote
 // file, or a device through CacheDevice). Small reads are served from
 // aligned blocks, each fetched once even when several readers want it at the

@@ -33,7 +33,8 @@ func convertCommand() *cli.Command {
 				return fmt.Errorf("convert: want SRC and DST, got %d arguments", c.NArg())
 			}
 			src, dst := c.Args().Get(0), c.Args().Get(1)
-			img, err := sourcesFor(c).Open(c.Context, src, sourceOptions(c))
+			reg, remote := sourcesWithStats(c)
+			img, err := reg.Open(c.Context, src, sourceOptions(c))
 			if err != nil {
 				return err
 			}
@@ -77,6 +78,9 @@ func convertCommand() *cli.Command {
 			if err != nil {
 				out.Abort()
 				return fmt.Errorf("convert %s to %s: %w", src, dst, err)
+			}
+			if m := remote(); m != nil && c.Bool("json") {
+				json.NewEncoder(c.App.Writer).Encode(map[string]any{"event": "remote", "source": src, "remote": m})
 			}
 			return printCopySummary(c, "convert", src, dst, format, st)
 		},

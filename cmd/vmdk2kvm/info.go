@@ -26,8 +26,9 @@ func sourceOptions(c *cli.Context) sources.Options {
 
 type infoJSON struct {
 	sources.Info
-	Allocated int64        `json:"allocated_bytes"`
-	Map       []extentJSON `json:"map,omitempty"`
+	Allocated int64          `json:"allocated_bytes"`
+	Map       []extentJSON   `json:"map,omitempty"`
+	Remote    map[string]any `json:"remote,omitempty"` // https/ssh transport and cache counters
 }
 
 type extentJSON struct {
@@ -49,7 +50,8 @@ func infoCommand() *cli.Command {
 			if c.NArg() != 1 {
 				return fmt.Errorf("info: want exactly one SRC, got %d arguments", c.NArg())
 			}
-			img, err := sourcesFor(c).Open(c.Context, c.Args().First(), sourceOptions(c))
+			reg, remote := sourcesWithStats(c)
+			img, err := reg.Open(c.Context, c.Args().First(), sourceOptions(c))
 			if err != nil {
 				return err
 			}
@@ -68,6 +70,7 @@ func infoCommand() *cli.Command {
 				return err
 			}
 			if c.Bool("json") {
+				out.Remote = remote()
 				enc := json.NewEncoder(c.App.Writer)
 				enc.SetIndent("", "  ")
 				return enc.Encode(out)

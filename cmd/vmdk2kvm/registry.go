@@ -23,17 +23,22 @@ func newSources() *sources.Registry { return sourcesFor(nil) }
 
 // sourcesFor is newSources with a command's remote flags (remote.go)
 // applied to the https and ssh transports.
-func sourcesFor(c *cli.Context) *sources.Registry {
+func sourcesFor(c *cli.Context) *sources.Registry { r, _ := sourcesWithStats(c); return r }
+
+// sourcesWithStats is sourcesFor that also returns the remote transports'
+// counters (requests, retries, cache hits) for --json outputs.
+func sourcesWithStats(c *cli.Context) (*sources.Registry, func() map[string]any) {
 	r := sources.NewRegistry()
+	h, s := httpsrc.New(httpConfig(c)), sshsrc.New(sshConfig(c))
 	r.AddTransport(file.Transport{})
-	r.AddTransport(httpsrc.New(httpConfig(c)))
-	r.AddTransport(sshsrc.New(sshConfig(c)))
+	r.AddTransport(h)
+	r.AddTransport(s)
 	r.AddDevices(nbdsrc.Opener{})
 	r.AddFormat(ova.Format{Disks: r})
 	r.AddFormat(vmdk.Format{})
 	r.AddFormat(qcow2.Format{Backing: r.OpenIn})
 	r.AddFormat(raw.Format{})
-	return r
+	return r, func() map[string]any { return remoteStats(h, s) }
 }
 
 // newSinks returns every output format this binary writes.

@@ -97,3 +97,19 @@ func sshConfig(c *cli.Context) sshsrc.Config {
 	}
 	return cfg
 }
+
+// remoteStats is what the remote transports did, for --json outputs; nil
+// when nothing was read remotely.
+func remoteStats(h *httpsrc.Transport, s *sshsrc.Transport) map[string]any {
+	out := map[string]any{}
+	if st := h.Stats(); st.Requests > 0 {
+		out["https"] = st
+	}
+	if st := s.Stats(); st.Cache.Hits+st.Cache.Misses+st.Cache.Bypassed > 0 {
+		out["ssh"] = st
+	}
+	if len(out) == 0 {
+		return nil
+	}
+	return out
+}

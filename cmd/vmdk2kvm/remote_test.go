@@ -53,6 +53,12 @@ func TestRemoteSources(t *testing.T) {
 				Format      string `json:"format"`
 				VirtualSize int64  `json:"virtual_size"`
 				Layers      []any  `json:"layers"`
+				Remote      map[string]struct {
+					Requests int64 `json:"requests"`
+					Cache    struct {
+						Misses int64 `json:"misses"`
+					} `json:"cache"`
+				} `json:"remote"`
 			}
 			if err := json.Unmarshal([]byte(out), &info); err != nil {
 				t.Fatalf("%v: %s", err, out)
@@ -60,9 +66,18 @@ func TestRemoteSources(t *testing.T) {
 			if info.Format != "vmdk" || info.VirtualSize != 8<<20 || len(info.Layers) != 2 {
 				t.Fatalf("info %+v", info)
 			}
+			// The transport's counters are in the JSON: requests (https) and
+			// cache misses (both: the chain's metadata was read).
+			if r := info.Remote[tc.name]; r.Cache.Misses == 0 || (tc.name == "https" && r.Requests == 0) {
+				t.Fatalf("remote counters %+v", info.Remote)
+			}
 			dst := filepath.Join(t.TempDir(), "out.raw")
-			if _, err := runRemoteCLI(t, append(append([]string{"convert", "-O", "raw"}, tc.args...), tc.url, dst)...); err != nil {
+			out, err = runRemoteCLI(t, append(append([]string{"convert", "--json", "-O", "raw"}, tc.args...), tc.url, dst)...)
+			if err != nil {
 				t.Fatal(err)
+			}
+			if !strings.Contains(out, `"event":"remote"`) {
+				t.Fatalf("convert --json without remote counters: %s", out)
 			}
 			if b, err := exec.Command("qemu-img", "compare", "-f", "raw", "-F", "raw", dst, chain.Raw).CombinedOutput(); err != nil {
 				t.Fatalf("qemu-img compare: %v\n%s", err, b)

@@ -77,9 +77,10 @@ type Config struct {
 
 // Stats counts what the transport did, for all files it opened.
 type Stats struct {
-	Requests     int64 `json:"requests"`
-	Retries      int64 `json:"retries"`
-	BytesFetched int64 `json:"bytes_fetched"`
+	Requests     int64              `json:"requests"`
+	Retries      int64              `json:"retries"`
+	BytesFetched int64              `json:"bytes_fetched"`
+	Cache        filters.CacheStats `json:"cache"`
 }
 
 // Transport opens http:// and https:// locations. Build it with New; it is
@@ -92,6 +93,42 @@ type Transport struct {
 
 	mu      sync.Mutex
 	clients map[string]*client // by scheme://host:port
+
+	caches caches
+}
+
+// caches sums the counters of the caches of a transport's files, open or
+// closed.
+type caches struct {
+	mu     sync.Mutex
+	open   map[*filters.Cache]bool
+	closed filters.CacheStats
+}
+
+func (cs *caches) add(c *filters.Cache) {
+	cs.mu.Lock()
+	if cs.open == nil {
+		cs.open = map[*filters.Cache]bool{}
+	}
+	cs.open[c] = true
+	cs.mu.Unlock()
+}
+
+func (cs *caches) remove(c *filters.Cache) {
+	cs.mu.Lock()
+	delete(cs.open, c)
+	cs.closed.Add(c.Stats())
+	cs.mu.Unlock()
+}
+
+func (cs *caches) stats() filters.CacheStats {
+	cs.mu.Lock()
+	defer cs.mu.Unlock()
+	out := cs.closed
+	for c := range cs.open {
+		out.Add(c.Stats())
+	}
+	return out
 }
 
 // New returns a transport with cfg's defaults filled in.
@@ -125,7 +162,7 @@ func (*Transport) Schemes() []string { return []string{"https", "http"} }
 
 // Stats returns the counters so far.
 func (t *Transport) Stats() Stats {
-	return Stats{Requests: t.requests.Load(), Retries: t.retries.Load(), BytesFetched: t.fetched.Load()}
+	return Stats{Requests: t.requests.Load(), Retries: t.retries.Load(), BytesFetched: t.fetched.Load(), Cache: t.caches.stats()}
 }
 
 // Locate implements sources.Transport.
@@ -380,7 +417,9 @@ func (fsys *FS) Open(ctx context.Context, name string) (sources.File, error) {
 		return f, nil
 	}
 	// The cache owns f: closing it closes f.
-	return &cachedFile{Cache: filters.NewCache(f, size, fsys.t.cfg.Cache), t: fsys.t, url: f.url}, nil
+	c := filters.NewCache(f, size, fsys.t.cfg.Cache)
+	fsys.t.caches.add(c)
+	return &cachedFile{Cache: c, t: fsys.t, url: f.url}, nil
 }
 
 // cachedFile logs what reading the file cost when it is closed (--verbose).
@@ -391,6 +430,7 @@ type cachedFile struct {
 }
 
 func (c *cachedFile) Close() error {
+	c.t.caches.remove(c.Cache)
 	cs, ts := c.Cache.Stats(), c.t.Stats()
 	c.t.cfg.Log.Info("https file closed", "url", c.url, "cache_hits", cs.Hits, "cache_misses", cs.Misses,
 		"readahead_blocks", cs.Readaheads, "large_reads", cs.Bypassed, "transport_requests", ts.Requests,

@@ -80,6 +80,26 @@ type Transport struct {
 
 	mu    sync.Mutex
 	conns map[string]*conn
+
+	cmu         sync.Mutex
+	openCaches  map[*filters.Cache]bool
+	closedStats filters.CacheStats
+}
+
+// Stats is what the transport read, summed over its files' caches.
+type Stats struct {
+	Cache filters.CacheStats `json:"cache"`
+}
+
+// Stats returns the counters so far.
+func (t *Transport) Stats() Stats {
+	t.cmu.Lock()
+	defer t.cmu.Unlock()
+	out := t.closedStats
+	for c := range t.openCaches {
+		out.Add(c.Stats())
+	}
+	return Stats{Cache: out}
 }
 
 // New returns a transport with cfg's defaults filled in.
@@ -111,7 +131,7 @@ func New(cfg Config) *Transport {
 	if cfg.AgentSocket == "" {
 		cfg.AgentSocket = os.Getenv("SSH_AUTH_SOCK")
 	}
-	return &Transport{cfg: cfg, conns: map[string]*conn{}}
+	return &Transport{cfg: cfg, conns: map[string]*conn{}, openCaches: map[*filters.Cache]bool{}}
 }
 
 // Schemes implements sources.Transport.
@@ -201,19 +221,29 @@ func (fsys *FS) Open(ctx context.Context, name string) (sources.File, error) {
 	if fsys.t.cfg.Cache.MaxBytes < 0 {
 		return f, nil
 	}
-	return &cachedFile{Cache: filters.NewCache(f, f.Size(), fsys.t.cfg.Cache), log: fsys.t.cfg.Log, desc: fsys.Describe(name)}, nil
+	cache := filters.NewCache(f, f.Size(), fsys.t.cfg.Cache)
+	fsys.t.cmu.Lock()
+	fsys.t.openCaches[cache] = true
+	fsys.t.cmu.Unlock()
+	return &cachedFile{Cache: cache, t: fsys.t, desc: fsys.Describe(name)}, nil
 }
 
 // cachedFile logs what reading the file cost when it is closed (--verbose).
 type cachedFile struct {
 	*filters.Cache
-	log  *slog.Logger
+	t    *Transport
 	desc string
 }
 
 func (c *cachedFile) Close() error {
 	cs := c.Cache.Stats()
-	c.log.Info("ssh file closed", "file", c.desc, "cache_hits", cs.Hits, "cache_misses", cs.Misses,
+	c.t.cmu.Lock()
+	if c.t.openCaches[c.Cache] {
+		delete(c.t.openCaches, c.Cache)
+		c.t.closedStats.Add(cs)
+	}
+	c.t.cmu.Unlock()
+	c.t.cfg.Log.Info("ssh file closed", "file", c.desc, "cache_hits", cs.Hits, "cache_misses", cs.Misses,
 		"readahead_blocks", cs.Readaheads, "large_reads", cs.Bypassed, "bytes_read", cs.BytesBelow)
 	return c.Cache.Close()
 }
