@@ -128,9 +128,7 @@ type Plugin struct {
 	fixer   *fixerClient
 	stderr  *tailBuffer
 
-	mu       sync.Mutex
-	brokerID uint32
-	guest    *Recorder
+	mu sync.Mutex
 }
 
 // Launch starts a plugin, verifies it (SHA-256 when pinned, handshake) and asks
@@ -265,20 +263,17 @@ func (p *Plugin) call(ctx context.Context, what string, fn func(context.Context)
 	return fmt.Errorf("plugin %s: %s: %w", p.Name, what, err)
 }
 
-// serveGuest brokers the recorder to the plugin (once per plugin).
+// serveGuest brokers the recorder to the plugin under a fresh broker id: each
+// id carries one connection (go-plugin sends its connection info once).
 func (p *Plugin) serveGuest(rec *Recorder) uint32 {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.guest == rec && p.brokerID != 0 {
-		return p.brokerID
-	}
 	id := p.fixer.broker.NextId()
 	go p.fixer.broker.AcceptAndServe(id, func(opts []grpc.ServerOption) *grpc.Server {
 		s := grpc.NewServer(append(opts, grpc.MaxRecvMsgSize(maxMsg), grpc.MaxSendMsgSize(maxMsg))...)
 		pb.RegisterGuestServer(s, rec)
 		return s
 	})
-	p.brokerID, p.guest = id, rec
 	return id
 }
 

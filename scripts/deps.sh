@@ -9,7 +9,7 @@ pkgs=(
   openssh-server
   libguestfs-tools libguestfs-dev golang-guestfs-dev linux-image-amd64
   libvirt-daemon-system libvirt-clients libxml2-utils
-  busybox-static syslinux-common extlinux debootstrap
+  busybox-static syslinux-common extlinux debootstrap patch
   protobuf-compiler pkg-config gcc make curl bzip2 xz-utils time
 )
 
