@@ -174,3 +174,39 @@ func TestChainTooDeep(t *testing.T) {
 		t.Fatalf("%d layers", len(c.Layers()))
 	}
 }
+
+// ESXi thin disks (createType vmfsThin, which qemu refuses) are a VMFS
+// extent over a sparse file: its holes are Holes. A windows-1252
+// descriptor's file names are decoded.
+func TestThinVMFSAndWindows1252(t *testing.T) {
+	dir := t.TempDir()
+	const size = 8 << 20
+	f, err := os.Create(filepath.Join(dir, "café-flat.vmdk"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := pattern(1<<20, 3)
+	if _, err := f.WriteAt(data, 4<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	desc := []byte("# Disk DescriptorFile\nversion=1\nencoding=\"windows-1252\"\nCID=00000007\nparentCID=ffffffff\ncreateType=\"vmfsThin\"\nRW 16384 VMFS \"caf\xe9-flat.vmdk\"\nddb.thinProvisioned = \"1\"\n")
+	p := filepath.Join(dir, "thin.vmdk")
+	writeFile(t, p, desc)
+	c := mustOpen(t, p, Options{})
+	want := make([]byte, size)
+	copy(want[4<<20:], data)
+	if !bytes.Equal(readAll(t, c), want) {
+		t.Fatal("bytes differ")
+	}
+	exts := allExtents(t, c)
+	if block.Sum(exts, block.Data) != 1<<20 || block.Sum(exts, block.Hole) != size-1<<20 {
+		t.Fatalf("thin file maps as %v", exts)
+	}
+	if c.Layers()[0].Allocated != 1<<20 || c.Info().Props["thin_provisioned"] != "1" {
+		t.Fatalf("layer %+v", c.Layers()[0])
+	}
+}
