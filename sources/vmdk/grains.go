@@ -87,9 +87,11 @@ type grainTable struct {
 }
 
 // gtCacheBytes bounds the decoded grain tables kept per extent (8 bytes per
-// entry): 32 MiB covers 256 GiB of 64 KiB grains, or all 4 GiB of a
-// COWD with 512-byte grains.
-const gtCacheBytes = 32 << 20
+// entry), so that a deep chain of large disks stays within a bounded
+// memory: 8 MiB covers 64 GiB of 64 KiB grains, 512 MiB of a COWD with
+// 512-byte grains, 4 GiB of seSparse. Past that, tables are re-read when
+// needed (one small read per table span of data).
+const gtCacheBytes = 8 << 20
 
 func (t *grainTable) init() {
 	t.cache = map[int][]int64{}
