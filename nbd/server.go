@@ -12,6 +12,7 @@ import (
 	"net"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -190,7 +191,7 @@ type serverConn struct {
 	flags   uint16
 	baseCtx bool
 	wmu     sync.Mutex
-	dead    bool
+	dead    atomic.Bool
 	wg      sync.WaitGroup
 	ctx     context.Context
 	connMem *semaphore.Weighted

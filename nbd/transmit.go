@@ -139,6 +139,9 @@ func (c *serverConn) release(w int64) {
 
 // handle serves one request and sends its reply.
 func (c *serverConn) handle(req request, payload *[]byte) {
+	if c.isDead() {
+		return // nobody to answer: skip the device work
+	}
 	if name, known := cmdNames[req.typ]; !known || req.typ == CmdDisc {
 		c.replyErr(req, EINVAL, fmt.Sprintf("unknown command %d", req.typ))
 		return
@@ -432,17 +435,19 @@ func (c *serverConn) replyErrAt(req request, code uint32, msg string, at int64) 
 	c.send(b)
 }
 
+func (c *serverConn) isDead() bool { return c.dead.Load() }
+
 // send writes one whole reply message (or chunk). It reports false once the
 // connection is broken; the request reader then ends too.
 func (c *serverConn) send(b []byte) bool {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if c.dead {
+	if c.dead.Load() {
 		return false
 	}
 	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
 	if _, err := c.nc.Write(b); err != nil {
-		c.dead = true
+		c.dead.Store(true)
 		c.nc.Close()
 		return false
 	}
