@@ -19,6 +19,7 @@ import (
 	httpsrc "github.com/vmdk2kvm/vmdk2kvm/sources/http"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/ova"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/raw"
+	sshsrc "github.com/vmdk2kvm/vmdk2kvm/sources/ssh"
 	"github.com/vmdk2kvm/vmdk2kvm/sources/vmdk"
 )
 
@@ -267,4 +268,12 @@ func TestNotAnOVA(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "no .ovf") {
 		t.Fatalf("forced ova on a plain tar: %v", err)
 	}
+}
+
+func TestOverSSH(t *testing.T) {
+	p := build(t, "SHA256", nil)
+	sshd := testpeers.StartSSHD(t, testpeers.SSHDOptions{})
+	tr := sshsrc.New(sshsrc.Config{KeyFiles: []string{sshd.KeyFile}, KnownHosts: []string{sshd.KnownHosts}, AgentSocket: "none",
+		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	check(t, registry(tr), fmt.Sprintf("ssh://%s@%s%s", sshd.User, sshd.Addr, filepath.Join(p.dir, "vm.ova")), p)
 }
