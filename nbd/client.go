@@ -252,8 +252,10 @@ func (c *Client) Extents(ctx context.Context, off, length int64) ([]block.Extent
 // BlockStatus returns the descriptors of a metadata context (for example
 // "base:allocation" or "qemu:dirty-bitmap:b0") covering [off, off+length)
 // clipped to the export size, exactly and in order; adjacent descriptors
-// with equal flags are merged. A context not negotiated at Dial is
-// negotiated on an extra connection opened for it.
+// with equal flags are merged. A context not negotiated at Dial (see
+// ClientOptions.MetaContexts) is negotiated on an extra connection opened
+// for it, which a server serving one client at a time (qemu-nbd without
+// -e) refuses.
 func (c *Client) BlockStatus(ctx context.Context, name string, off, length int64) ([]Status, error) {
 	cc, err := c.connFor(ctx, name)
 	if err != nil {
@@ -308,9 +310,13 @@ func (c *Client) connFor(ctx context.Context, name string) (*clientConn, error) 
 	if cc := c.side[name]; cc != nil {
 		return cc, nil
 	}
-	cc, err := c.dial(ctx, []string{name})
+	// A server serving one client at a time never greets a second
+	// connection; do not wait long for it.
+	dctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	cc, err := c.dial(dctx, []string{name})
+	cancel()
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("metadata context %q needs a connection of its own (pass it in ClientOptions.MetaContexts to negotiate it at Dial): %w", name, err)
 	}
 	if _, ok := cc.ctxID[name]; !ok {
 		cc.close()
@@ -668,8 +674,8 @@ func (cc *clientConn) exportName(noZeroes bool) error {
 	cc.size = int64(binary.BigEndian.Uint64(b[0:]))
 	cc.flags = binary.BigEndian.Uint16(b[8:])
 	cc.minBlock, cc.maxBlock = 1, MaxRequest
-	cc.structured = false
-	clear(cc.ctxID)
+	// Structured replies and metadata contexts negotiated before still
+	// hold: they were options of their own, for this export name.
 	return cc.checkSize()
 }
 

@@ -139,12 +139,18 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			if ctx.Err() != nil {
 				return nil
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				time.Sleep(10 * time.Millisecond)
-				continue
+			if errors.Is(err, net.ErrClosed) {
+				return fmt.Errorf("nbd server: accept: %w", err)
 			}
-			return fmt.Errorf("nbd server: accept: %w", err)
+			// Out of file descriptors and the like: wait for clients to
+			// leave rather than stop serving the ones connected.
+			s.log.Warn("nbd server: accept failed; retrying", "err", err)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(100 * time.Millisecond):
+			}
+			continue
 		}
 		s.wg.Add(1)
 		go func() {
