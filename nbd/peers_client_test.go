@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/vmdk2kvm/vmdk2kvm/block"
 	"github.com/vmdk2kvm/vmdk2kvm/nbd"
 )
 
@@ -44,6 +45,20 @@ func TestClientNbdkitFile(t *testing.T) {
 	sameStatus(t, "client extents vs nbdinfo --map", got, nbdinfoMap(t, uri, ""))
 	if len(got) < 10 {
 		t.Fatalf("only %d extents: the fixture's holes were not seen", len(got))
+	}
+	// nbdkit --no-sr refuses structured replies: simple replies, no block
+	// status, the whole export is data, the bytes are still right.
+	sock2 := filepath.Join(t.TempDir(), "nosr")
+	daemon(t, sock2, "nbdkit", "-f", "-r", "--no-sr", "-U", sock2, "file", fixture())
+	s := dial(t, unixURI(sock2, ""), nbd.ClientOptions{})
+	if s.Structured() || len(s.Contexts()) != 0 {
+		t.Fatalf("nbdkit --no-sr: structured %v contexts %v", s.Structured(), s.Contexts())
+	}
+	if e := allExtents(t, s); len(e) != 1 || e[0].Type != block.Data {
+		t.Fatalf("without block status: extents %v", e[:min(len(e), 3)])
+	}
+	if deviceSHA(t, s) != fileSHA(t, fixture()) {
+		t.Fatal("simple replies: bytes differ from the file")
 	}
 }
 
