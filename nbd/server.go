@@ -28,6 +28,8 @@ type Export struct {
 	// Writable exports accept writes; Device must then be a block.Writable.
 	// A server never writes into a device it was not told is writable.
 	Writable bool
+
+	cache *extCache // read-only exports: extents of recent windows
 }
 
 // ServerOptions tune a Server. The zero value serves plaintext only.
@@ -118,6 +120,9 @@ func NewServer(opts ServerOptions, exports ...Export) (*Server, error) {
 		}
 		if _, ok := e.Device.(block.Writable); e.Writable && !ok {
 			return nil, fmt.Errorf("nbd server: export %q is writable but its device cannot be written", e.Name)
+		}
+		if !e.Writable {
+			e.cache = newExtCache(e.Device)
 		}
 		s.exports[e.Name] = &e
 		s.names = append(s.names, e.Name)

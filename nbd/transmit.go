@@ -270,7 +270,13 @@ func (c *serverConn) read(req request) {
 		c.send(b[:])
 		return
 	}
-	exts, err := c.dev.Extents(c.ctx, off, n)
+	var exts []block.Extent
+	var err error
+	if c.exp.cache != nil {
+		exts, err = c.exp.cache.extents(c.ctx, off, n)
+	} else {
+		exts, err = c.dev.Extents(c.ctx, off, n)
+	}
 	if err == nil {
 		err = block.Check(exts, off, n)
 	}
