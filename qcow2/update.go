@@ -46,9 +46,16 @@ type updater struct {
 // Close, which flushes. Only Flush makes writes durable; see the package
 // comment for what a crash leaves behind. A backing file is opened
 // read-only (qcow2 or raw) and used for partial writes to unallocated
-// clusters. Images marked dirty or corrupt, version 2 images and images with
-// internal snapshots are refused.
+// clusters. An image marked dirty (a crash inside Flush) is first repaired
+// with Repair, as qemu does; images marked corrupt, version 2 images and
+// images with internal snapshots are refused.
 func OpenUpdate(path string) (*Image, error) {
+	if dirty(path) {
+		// Like qemu: a dirty image gets its refcounts rebuilt first.
+		if _, err := Repair(path); err != nil {
+			return nil, fmt.Errorf("%s: repairing the refcounts of a dirty image: %w", path, err)
+		}
+	}
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return nil, err
@@ -112,7 +119,52 @@ func (im *Image) startUpdate(f *os.File) error {
 	for i := range u.rt {
 		u.rt[i] = binary.BigEndian.Uint64(raw[8*i:])
 	}
+	if err := im.checkLayout(u); err != nil {
+		return err
+	}
 	im.upd = u
+	return nil
+}
+
+// checkLayout refuses metadata that overlaps other metadata (a refcount
+// block inside the refcount table, an L2 table on the header, two tables on
+// one cluster, ...): writing such an image would corrupt it further.
+func (im *Image) checkLayout(u *updater) error {
+	owner := map[int64]string{0: "the header"}
+	claim := func(off, n int64, what string) error {
+		for c := off / im.cs; c < (off+n+im.cs-1)/im.cs; c++ {
+			if prev, ok := owner[c]; ok {
+				return fmt.Errorf("%s: %s overlaps %s at cluster offset %d; repair the image (qemu-img check -r all)", im.name, what, prev, c*im.cs)
+			}
+			owner[c] = what
+		}
+		return nil
+	}
+	if err := claim(u.rtOff, u.rtClusters*im.cs, "the refcount table"); err != nil {
+		return err
+	}
+	if err := claim(u.l1Off, max(8, int64(len(im.l1))*8), "the L1 table"); err != nil {
+		return err
+	}
+	for i, e := range u.rt {
+		off := int64(e & offsetMask)
+		if off == 0 {
+			continue
+		}
+		if e&^offsetMask != 0 || off+im.cs > u.fileEnd {
+			return fmt.Errorf("%s: refcount table entry %d (%#x) is malformed or past the end of the file", im.name, i, e)
+		}
+		if err := claim(off, im.cs, fmt.Sprintf("refcount block %d", i)); err != nil {
+			return err
+		}
+	}
+	for i, e := range im.l1 {
+		if off := int64(e & offsetMask); off != 0 {
+			if err := claim(off, im.cs, fmt.Sprintf("the L2 table of L1 entry %d", i)); err != nil {
+				return err
+			}
+		}
+	}
 	return nil
 }
 
@@ -136,6 +188,20 @@ func (u *updater) sync() error {
 }
 
 var errPowerCut = errors.New("qcow2: simulated power cut")
+
+// dirty reports whether path is a qcow2 v3 image with the dirty bit set.
+func dirty(path string) bool {
+	f, err := os.Open(path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	var b [80]byte
+	if _, err := f.ReadAt(b[:], 0); err != nil {
+		return false
+	}
+	return string(b[:4]) == Magic && binary.BigEndian.Uint32(b[4:]) == 3 && binary.BigEndian.Uint64(b[72:])&IncompatDirty != 0
+}
 
 // refBlock returns refcount block bi, creating it when create is set.
 func (im *Image) refBlock(bi int64, create bool) ([]byte, error) {
