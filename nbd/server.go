@@ -173,6 +173,12 @@ func (s *Server) ServeConn(ctx context.Context, nc net.Conn) error {
 	defer nc.Close()
 	stop := context.AfterFunc(ctx, func() { nc.Close() })
 	defer stop()
+	if wb, ok := nc.(interface{ SetWriteBuffer(int) error }); ok {
+		// Room for a few whole replies, so a 256 KiB READ reply rarely
+		// needs a second write after waiting for the client (the kernel
+		// clamps this to net.core.wmem_max).
+		wb.SetWriteBuffer(2 << 20)
+	}
 	c := &serverConn{s: s, nc: nc, r: bufio.NewReaderSize(nc, 64<<10)}
 	nc.SetDeadline(time.Now().Add(s.opts.HandshakeTimeout))
 	exp, err := c.handshake()
