@@ -1,19 +1,5 @@
-// Package nbd speaks the Network Block Device protocol both ways, written from
-// the protocol description (NetworkBlockDevice/nbd doc/proto.md):
-//
-//   - Server exports block.Device values by name over fixed-newstyle NBD:
-//     structured replies (reads answer holes with OFFSET_HOLE chunks),
-//     base:allocation block status from the device's Extents, STARTTLS,
-//     concurrent requests answered out of order with bounded memory. qemu-img,
-//     nbdcopy, nbdinfo, libguestfs and virt-v2v can then read any source.
-//   - Client turns any NBD export (nbdkit, qemu-nbd, our own server) into a
-//     block.Device: pipelined requests on each connection, several
-//     connections when the server allows multi-conn, structured replies and
-//     block status for base:allocation or any other metadata context (such as
-//     qemu:dirty-bitmap:NAME).
-//
-// The package depends only on block. 64-bit extended headers are not spoken
-// (no peer here has them); neither side needs them.
+// Protocol constants, named as in the NBD protocol description.
+
 package nbd
 
 // Magic numbers.
