@@ -55,7 +55,8 @@ type Writer struct {
 	next    int64      // append pointer (bytes)
 	pending map[int64]*partial
 	seq     int64
-	maxPend int64 // bytes of partial clusters held before evicting
+	maxPend int64     // bytes of partial clusters held before evicting
+	scratch sync.Pool // *[]byte compression buffers
 	// unsynced counts bytes written since writeback was last started.
 	unsynced atomic.Int64
 	done     bool
@@ -239,7 +240,13 @@ func (w *Writer) wrote(n int64) {
 }
 
 func (w *Writer) writeCompressed(p []byte, off int64) (int, error) {
-	var comp []byte
+	bp, _ := w.scratch.Get().(*[]byte)
+	if bp == nil {
+		b := make([]byte, 0, w.cs+w.cs/8+4096) // worst-case deflate/zstd growth
+		bp = &b
+	}
+	comp := (*bp)[:0]
+	defer func() { *bp = comp[:0]; w.scratch.Put(bp) }()
 	for pos, end := off, off+int64(len(p)); pos < end; {
 		vc, in := pos/w.cs, pos%w.cs
 		clen := min(w.cs, w.size-vc*w.cs) // bytes of this guest cluster
@@ -395,7 +402,7 @@ func (w *Writer) store(vc int64, data, scratch []byte, held bool) ([]byte, error
 	if &comp[0] == &data[0] {
 		return scratch, nil
 	}
-	return comp, nil
+	return comp, nil // scratch, grown if it had to
 }
 
 // Zero implements block.Writer. A fresh image reads zeros everywhere, so
