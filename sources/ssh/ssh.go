@@ -221,7 +221,11 @@ func (fsys *FS) Open(ctx context.Context, name string) (sources.File, error) {
 	if fsys.t.cfg.Cache.MaxBytes < 0 {
 		return f, nil
 	}
-	cache := filters.NewCache(f, f.Size(), fsys.t.cfg.Cache)
+	copts := fsys.t.cfg.Cache
+	if c.sftp == nil && copts.BlockSize == 0 {
+		copts.BlockSize = 4 << 20 // each exec read costs a process: read more at once
+	}
+	cache := filters.NewCache(f, f.Size(), copts)
 	fsys.t.cmu.Lock()
 	fsys.t.openCaches[cache] = true
 	fsys.t.cmu.Unlock()
@@ -293,21 +297,38 @@ func (t *Transport) acquire(ctx context.Context, tg target) (*conn, error) {
 	return c, nil
 }
 
-// release drops a reference; the last one closes the connection.
+// idleClose is how long a connection without open files stays up: a VMDK
+// closes its descriptor before opening the extents it names, and each new
+// connection costs a key exchange.
+const idleClose = 3 * time.Second
+
+// release drops a reference; the connection closes when it has stayed
+// without references for idleClose.
 func (c *conn) release() {
 	c.t.mu.Lock()
+	defer c.t.mu.Unlock()
 	c.refs--
-	last := c.refs == 0
-	if last && c.t.conns[c.key] == c {
-		delete(c.t.conns, c.key)
+	if c.refs > 0 {
+		return
 	}
-	c.t.mu.Unlock()
-	if last {
-		if c.sftp != nil {
-			c.sftp.Close()
+	time.AfterFunc(idleClose, func() {
+		c.t.mu.Lock()
+		idle := c.refs == 0
+		if idle && c.t.conns[c.key] == c {
+			delete(c.t.conns, c.key)
 		}
-		c.client.Close()
+		c.t.mu.Unlock()
+		if idle {
+			c.close()
+		}
+	})
+}
+
+func (c *conn) close() {
+	if c.sftp != nil {
+		c.sftp.Close()
 	}
+	c.client.Close()
 }
 
 func (t *Transport) dial(ctx context.Context, tg target) (*conn, error) {
