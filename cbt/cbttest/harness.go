@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
 
@@ -36,12 +37,15 @@ type Harness struct {
 
 // Options shape the harness VM.
 type Options struct {
-	Name      string // VM name (default "warm01")
-	Size      int64  // disk size (default 64 MiB)
-	Seed      uint64 // diskgen seed (default 1)
-	CBT       bool   // change tracking enabled on the VM
-	PageAreas int    // default 3
-	PageBytes int64  // default Size/8
+	Name string // VM name (default "warm01")
+	Size int64  // disk size (default 64 MiB)
+	Seed uint64 // diskgen seed (default 1)
+	// From, when set, is a raw disk copied (sparsely) as the VM's disk
+	// instead of generating one; Size is then its size.
+	From      string
+	CBT       bool  // change tracking enabled on the VM
+	PageAreas int   // default 3
+	PageBytes int64 // default Size/8
 	PoweredOn bool
 }
 
@@ -62,7 +66,7 @@ func Add(ctx context.Context, env *vmwaretest.Env, o Options) (*Harness, error) 
 	if o.Name == "" {
 		o.Name = "warm01"
 	}
-	if o.Size == 0 {
+	if o.Size == 0 && o.From == "" {
 		o.Size = 64 << 20
 	}
 	if o.Seed == 0 {
@@ -71,16 +75,22 @@ func Add(ctx context.Context, env *vmwaretest.Env, o Options) (*Harness, error) 
 	if o.PageAreas == 0 {
 		o.PageAreas = 3
 	}
-	if o.PageBytes == 0 {
-		o.PageBytes = max(o.Size/8, 1<<20)
-	}
 	h := &Harness{Env: env, Name: o.Name}
 	rel := o.Name + "/" + o.Name + ".vmdk"
 	h.Desc, h.Flat = flatOf(env.Dir, "[vmstore] "+rel)
 	if err := os.MkdirAll(filepath.Dir(h.Desc), 0o755); err != nil {
 		return nil, err
 	}
-	if _, err := diskgen.Write(ctx, h.Flat, o.Size, o.Seed); err != nil {
+	if o.From != "" {
+		st, err := os.Stat(o.From)
+		if err != nil {
+			return nil, err
+		}
+		o.Size = st.Size()
+		if out, err := exec.CommandContext(ctx, "cp", "--sparse=always", "--reflink=auto", o.From, h.Flat).CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("copying %s: %v: %s", o.From, err, out)
+		}
+	} else if _, err := diskgen.Write(ctx, h.Flat, o.Size, o.Seed); err != nil {
 		return nil, err
 	}
 	if err := writeDescriptor(h.Desc, filepath.Base(h.Flat), o.Size); err != nil {
@@ -144,6 +154,9 @@ func Add(ctx context.Context, env *vmwaretest.Env, o Options) (*Harness, error) 
 		if err := t.Wait(ctx); err != nil {
 			return nil, err
 		}
+	}
+	if o.PageBytes == 0 {
+		o.PageBytes = max(o.Size/8, 1<<20)
 	}
 	h.CBT = &CBTVM{VirtualMachine: env.SimVM(h.VM), disks: map[int32]*tracked{
 		DiskKey: {key: DiskKey, flat: h.Flat, desc: h.Desc, capacity: o.Size},

@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/vmdk2kvm/vmdk2kvm/cbt"
@@ -30,9 +31,12 @@ func main() {
 	bin := flag.String("bin", "bin/vmdk2kvm", "the vmdk2kvm binary")
 	work := flag.String("work", "", "work folder (default: a new temporary folder, kept)")
 	sizeFlag := flag.String("size", "256M", "disk size (bytes, or with a K, M or G suffix)")
+	bench := flag.String("bench", "", "instead of the demo, benchmark a full and a 1% incremental round on this raw disk (bench/warm.sh)")
 	flag.Parse()
 	size, err := parseSize(*sizeFlag)
-	if err == nil {
+	if err == nil && *bench != "" {
+		err = runBench(*bin, *work, *bench)
+	} else if err == nil {
 		err = run(*bin, *work, size)
 	}
 	if err != nil {
@@ -138,6 +142,128 @@ func parseSize(s string) (int64, error) {
 
 func step(format string, args ...any) {
 	fmt.Printf("== %s %s\n", time.Now().Format("15:04:05"), fmt.Sprintf(format, args...))
+}
+
+// timedRun runs the binary and returns its wall time and peak RSS (KiB).
+func timedRun(bin string, args []string) (time.Duration, int64, error) {
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(os.Environ(), "VMDK2KVM_PASSWORD="+vmwaretest.Password)
+	out, err := os.CreateTemp("", "warm-bench-*.log")
+	if err != nil {
+		return 0, 0, err
+	}
+	defer os.Remove(out.Name())
+	defer out.Close()
+	cmd.Stdout, cmd.Stderr = out, out
+	t0 := time.Now()
+	err = cmd.Run()
+	d := time.Since(t0)
+	if err != nil {
+		b, _ := os.ReadFile(out.Name())
+		return d, 0, fmt.Errorf("vmdk2kvm %s: %w\n%s", args[0], err, b)
+	}
+	var rss int64
+	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		rss = ru.Maxrss
+	}
+	return d, rss, nil
+}
+
+// runBench measures a full round and an incremental round with 1% of the
+// disk changed in scattered 64 KiB-1 MiB runs, through the simulator's
+// /folder (bytes counted by the proxy in front of it), and qemu-img convert
+// of the same disk as the reference for the full copy.
+func runBench(bin, work, disk string) error {
+	ctx := context.Background()
+	var err error
+	if bin, err = filepath.Abs(bin); err != nil {
+		return err
+	}
+	if work == "" {
+		if work, err = os.MkdirTemp("", "vmdk2kvm-warm-bench-"); err != nil {
+			return err
+		}
+		defer os.RemoveAll(work)
+	}
+	ds, target := filepath.Join(work, "datastore"), filepath.Join(work, "target")
+	for _, d := range []string{ds, target} {
+		if err := os.MkdirAll(d, 0o755); err != nil {
+			return err
+		}
+	}
+	env, err := vmwaretest.Start(ctx, ds)
+	if err != nil {
+		return err
+	}
+	defer env.Close()
+	h, err := cbttest.Add(ctx, env, cbttest.Options{Name: "bench01", From: disk, CBT: true, PoweredOn: true, PageAreas: 256})
+	if err != nil {
+		return err
+	}
+	defer h.Close()
+	size := h.Size()
+	uri := fmt.Sprintf("vsphere://%s@%s/%s/vm/%s", vmwaretest.User, h.Proxy.URL.Host, vmwaretest.Datacenter, h.Name)
+	sync := args("sync", uri, "--target", target, "--insecure", "--yes")
+
+	h.Proxy.Reset()
+	tFull, rssFull, err := timedRun(bin, sync)
+	if err != nil {
+		return err
+	}
+	readFull := h.Proxy.FolderBytes()
+	st, err := cbt.LoadState(filepath.Join(target, cbt.StateFile))
+	if err != nil {
+		return err
+	}
+	changedFull := st.Rounds[0].Totals.Changed
+
+	// 1% of the disk in scattered runs of 64 KiB to 1 MiB.
+	var wrote int64
+	for seed := uint64(1); wrote < size/100; seed++ {
+		n, err := h.WriteRandomRuns(seed, 1, 64<<10, 1<<20)
+		if err != nil {
+			return err
+		}
+		wrote += n
+	}
+	h.Proxy.Reset()
+	tInc, rssInc, err := timedRun(bin, sync)
+	if err != nil {
+		return err
+	}
+	readInc := h.Proxy.FolderBytes()
+	if st, err = cbt.LoadState(filepath.Join(target, cbt.StateFile)); err != nil {
+		return err
+	}
+	changedInc := st.Rounds[1].Totals.Changed
+	if err := check("qemu-img", "compare", "-f", "qcow2", "-F", "raw", filepath.Join(target, st.Disks[0].Replica), h.Flat); err != nil {
+		return err
+	}
+
+	ref := filepath.Join(work, "reference.qcow2")
+	t0 := time.Now()
+	if out, err := exec.Command("qemu-img", "convert", "-f", "raw", "-O", "qcow2", h.Flat, ref).CombinedOutput(); err != nil {
+		return fmt.Errorf("qemu-img convert: %v: %s", err, out)
+	}
+	tRef := time.Since(t0)
+	os.Remove(ref)
+	mib := func(n int64) float64 { return float64(n) / (1 << 20) }
+	fmt.Printf("warm sync bench: %.1f GiB generated disk through the vSphere simulator's /folder (HTTPS, counting proxy)\n", float64(size)/(1<<30))
+	fmt.Printf("  full round:         %7.2f s  changed %8.1f MiB  read from source %8.1f MiB  peak RSS %d MiB\n", tFull.Seconds(), mib(changedFull), mib(readFull), rssFull>>10)
+	fmt.Printf("  incremental (1%%):   %7.2f s  changed %8.1f MiB  read from source %8.1f MiB  peak RSS %d MiB  (guest wrote %.1f MiB)\n", tInc.Seconds(), mib(changedInc), mib(readInc), rssInc>>10, mib(wrote))
+	fmt.Printf("  reference qemu-img convert -O qcow2 (local raw, full): %.2f s; full round / qemu-img = %.2f\n", tRef.Seconds(), tFull.Seconds()/tRef.Seconds())
+	limit := 0.03*tFull.Seconds() + 1
+	fmt.Printf("  incremental / full = %.4f (%.2f s; target <= 3%% of full + 1 s = %.2f s): %s\n", tInc.Seconds()/tFull.Seconds(), tInc.Seconds(), limit, verdict(tInc.Seconds() <= limit))
+	fmt.Printf("  incremental bytes read / bytes changed = %.3f (target <= 1.1): %s\n", float64(readInc)/float64(changedInc), verdict(float64(readInc) <= 1.1*float64(changedInc)))
+	fmt.Printf("  full bytes read / allocated bytes = %.3f\n", float64(readFull)/float64(changedFull))
+	return nil
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "MISSED"
 }
 
 // args puts the flags before the URI (urfave/cli stops at the first argument).
