@@ -33,6 +33,10 @@ type CutoverConfig struct {
 	// stage and reports SkipFixReason. cmd wires it to FixImage.
 	Fix           func(ctx context.Context, overlay string) (string, error)
 	SkipFixReason string
+	// Domain, when set, writes the libvirt domain for the overlays (disk
+	// key → overlay path) and returns the XML file's path; nil writes a
+	// minimal virtio domain from the source's Hardware.
+	Domain func(ctx context.Context, overlays map[string]string) (string, error)
 	// BootTest, when set, boots the domain (its XML path) and says whether
 	// the guest came up; nil reports the step as skipped.
 	BootTest func(ctx context.Context, domainXML string) error
@@ -111,10 +115,22 @@ func Cutover(ctx context.Context, cfg CutoverConfig) (*Report, error) {
 	}
 
 	t0 = now()
-	hw, err := cfg.Source.Hardware(ctx)
 	var xmlPath string
-	if err == nil {
-		xmlPath, err = writeDomain(s.cfg.Target, hw, overlays)
+	if cfg.Domain != nil {
+		paths := map[string]string{}
+		for i, d := range s.State.Disks {
+			p, aerr := filepath.Abs(filepath.Join(s.cfg.Target, overlays[i]))
+			if aerr != nil {
+				return rep(), aerr
+			}
+			paths[d.Key] = p
+		}
+		xmlPath, err = cfg.Domain(ctx, paths)
+	} else {
+		var hw Hardware
+		if hw, err = cfg.Source.Hardware(ctx); err == nil {
+			xmlPath, err = writeDomain(s.cfg.Target, hw, overlays)
+		}
 	}
 	if step("domain-xml", t0, err, xmlPath) != nil {
 		return rep(), fmt.Errorf("cutover: domain XML: %w", err)

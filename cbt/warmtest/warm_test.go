@@ -150,8 +150,9 @@ func TestSyncAndCutoverCLI(t *testing.T) {
 	if info := testutil.Run(t, "qemu-img", "info", overlay); !strings.Contains(info, "backing file: "+filepath.Base(rep0)) {
 		t.Fatalf("overlay is not over the replica:\n%s", info)
 	}
-	if _, err := os.Stat(filepath.Join(target, st.Cutover.DomainXML)); err != nil {
-		t.Fatal(err)
+	xml, err := os.ReadFile(filepath.Join(target, st.Cutover.DomainXML))
+	if err != nil || !strings.Contains(string(xml), overlay) || !strings.Contains(string(xml), "<name>"+h.Name+"</name>") {
+		t.Fatalf("domain XML does not boot the overlay %s: %v\n%s", overlay, err, xml)
 	}
 	if st.Rounds[len(st.Rounds)-1].Kind != "final" || st.Cutover.DowntimeSeconds <= 0 {
 		t.Fatalf("cutover state %+v", st.Cutover)

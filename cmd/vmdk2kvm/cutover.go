@@ -4,10 +4,13 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/vmdk2kvm/vmdk2kvm/cbt"
+	"github.com/vmdk2kvm/vmdk2kvm/domain"
 	"github.com/vmdk2kvm/vmdk2kvm/pipeline"
 )
 
@@ -20,6 +23,10 @@ func cutoverCommand() *cli.Command {
 			&cli.DurationFlag{Name: "shutdown-timeout", Value: 5 * time.Minute, Usage: "how long to wait for the guest to shut down through VMware Tools"},
 			&cli.BoolFlag{Name: "force", Usage: "power the VM off when the guest does not shut down in time (or has no Tools)"},
 			&cli.BoolFlag{Name: "no-fix", Usage: "skip the fix stage (the overlay stays as the final round left it)"},
+			&cli.StringSliceFlag{Name: "network-map", Usage: "map a vSphere network to a libvirt network: VSPHERE=LIBVIRT (repeatable)"},
+			&cli.BoolFlag{Name: "sata", Usage: "disks on SATA instead of virtio-blk (first boot of guests without virtio drivers)"},
+			&cli.StringFlag{Name: "domain-type", Value: "auto", Usage: "kvm, qemu (TCG), or auto (probe /dev/kvm)"},
+			&cli.StringFlag{Name: "name", Usage: "domain name (default: the VM's)"},
 		),
 		Action: func(c *cli.Context) error {
 			w, err := openWarm(c, false)
@@ -49,6 +56,9 @@ func cutoverCommand() *cli.Command {
 					return fmt.Sprintf("%d fixer(s), %d action(s)", len(rep.Plugins), rep.Actions()), err
 				}
 			}
+			cfg.Domain = func(ctx context.Context, overlays map[string]string) (string, error) {
+				return cutoverDomain(c, w, overlays)
+			}
 			rep, err := pipeline.Cutover(c.Context, cfg)
 			if rep != nil {
 				j, h, werr := rep.Write(c.String("target"), "cutover-report")
@@ -67,4 +77,43 @@ func cutoverCommand() *cli.Command {
 			return nil
 		},
 	}
+}
+
+// cutoverDomain maps the VM to a libvirt domain (package domain) whose disks
+// are the cutover overlays, and writes it into the target folder.
+func cutoverDomain(c *cli.Context, w *warm, overlays map[string]string) (string, error) {
+	nm, err := domain.ParseNetworkMap(c.StringSlice("network-map"))
+	if err != nil {
+		return "", err
+	}
+	typ := c.String("domain-type")
+	if typ == "auto" {
+		typ = ""
+	}
+	o := domain.Options{Name: c.String("name"), Type: typ, NetworkMap: nm, SATA: c.Bool("sata"), DiskFormat: "qcow2",
+		DiskPaths: map[int32]string{}}
+	for k, p := range overlays {
+		key, err := strconv.Atoi(k)
+		if err != nil {
+			return "", fmt.Errorf("disk key %q is not a vSphere device key", k)
+		}
+		o.DiskPaths[int32(key)] = p
+	}
+	info, err := w.client.Info(c.Context, w.vm)
+	if err != nil {
+		return "", err
+	}
+	res, err := domain.Build(info, o)
+	if err != nil {
+		return "", err
+	}
+	for _, warn := range res.Warnings {
+		fmt.Fprintf(c.App.ErrWriter, "cutover: warning: %s\n", warn)
+	}
+	x, err := res.Domain.Marshal()
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(c.String("target"), res.Domain.Name+".xml")
+	return p, cbt.WriteFileAtomic(p, []byte(x+"\n"), 0o644)
 }

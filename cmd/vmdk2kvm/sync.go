@@ -121,6 +121,7 @@ func printRound(c *cli.Context, r cbt.Round, p pipeline.Projection) {
 // warm is an open vSphere connection and a syncer on the target folder.
 type warm struct {
 	client *vmware.Client
+	vm     *vmware.VM
 	src    *pipeline.VSphereSource
 	syncer *pipeline.Syncer
 }
@@ -176,7 +177,7 @@ func openWarm(c *cli.Context, enableCBT bool) (*warm, error) {
 			return img, nil
 		},
 	}
-	w := &warm{client: client, src: src}
+	w := &warm{client: client, vm: vm, src: src}
 	if err := cleanLeftovers(c, src); err != nil {
 		w.close()
 		return nil, err
