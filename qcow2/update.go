@@ -39,6 +39,13 @@ type updater struct {
 	// many writes: the tests' power cut.
 	failAfter int
 	writes    int
+	undo      []undoRec // with failAfter: writes since the last sync
+}
+
+// undoRec is what a write replaced, for the tests' power cut.
+type undoRec struct {
+	off int64
+	old []byte
 }
 
 // OpenUpdate opens an existing qcow2 v3 image read-write, for incremental
@@ -175,14 +182,20 @@ func (u *updater) write(p []byte, off int64) error {
 			return errPowerCut
 		}
 		u.writes++
+		old := make([]byte, len(p))
+		u.f.ReadAt(old, off) // past the end reads as zeros
+		u.undo = append(u.undo, undoRec{off, old})
 	}
 	_, err := u.f.WriteAt(p, off)
 	return err
 }
 
 func (u *updater) sync() error {
-	if u.failAfter > 0 && u.writes >= u.failAfter {
-		return errPowerCut
+	if u.failAfter > 0 {
+		if u.writes >= u.failAfter {
+			return errPowerCut
+		}
+		u.undo = nil
 	}
 	return u.f.Sync()
 }
