@@ -20,6 +20,7 @@ import (
 	"github.com/vmdk2kvm/vmdk2kvm/block"
 	"github.com/vmdk2kvm/vmdk2kvm/cbt"
 	"github.com/vmdk2kvm/vmdk2kvm/copier"
+	"github.com/vmdk2kvm/vmdk2kvm/qcow2"
 	"github.com/vmdk2kvm/vmdk2kvm/sinks"
 )
 
@@ -208,7 +209,25 @@ func (s *Syncer) syncDisk(ctx context.Context, round int, d FrozenDisk) (cbt.Rou
 			return rd, fmt.Errorf("the replica %s is %s, not %s", name, prev.Format, s.cfg.Format)
 		}
 	}
+	src, err := d.Open(ctx)
+	if err != nil {
+		return rd, fmt.Errorf("opening the source: %w", err)
+	}
+	defer src.Close()
+	if src.Size() != d.Capacity {
+		return rd, fmt.Errorf("the source reads %d bytes, the control plane says %d", src.Size(), d.Capacity)
+	}
+	path := filepath.Join(s.cfg.Target, name)
+	closeReplica := func() {}
+	if h, ok := d.Provider.(*cbt.Hash); ok {
+		// The block-hash provider hashes the frozen disk and keeps its
+		// manifest beside the replica, which it reads to rebuild a lost one.
+		if closeReplica, err = s.bindHash(h, src, path); err != nil {
+			return rd, err
+		}
+	}
 	res, err := d.Provider.Changed(ctx, since)
+	closeReplica()
 	if err != nil {
 		return rd, fmt.Errorf("changed areas: %w", err)
 	}
@@ -218,20 +237,11 @@ func (s *Syncer) syncDisk(ctx context.Context, round int, d FrozenDisk) (cbt.Rou
 	}
 	rd.Full = res.Full
 	rd.Changed = res.Bytes()
-	src, err := d.Open(ctx)
-	if err != nil {
-		return rd, fmt.Errorf("opening the source: %w", err)
-	}
-	defer src.Close()
-	if src.Size() != d.Capacity {
-		return rd, fmt.Errorf("the source reads %d bytes, the control plane says %d", src.Size(), d.Capacity)
-	}
 	if p, ok := d.Provider.(Preparer); ok {
 		if err := p.Prepare(); err != nil {
 			return rd, err
 		}
 	}
-	path := filepath.Join(s.cfg.Target, name)
 	opts := copier.Options{Workers: s.cfg.Workers, ChunkSize: s.cfg.ChunkSize}
 	if s.cfg.Progress != nil {
 		opts.Progress = func(p copier.Progress) { s.cfg.Progress(d.Label, p) }
@@ -262,6 +272,44 @@ func (s *Syncer) syncDisk(ctx context.Context, round int, d FrozenDisk) (cbt.Rou
 	}
 	s.hook("committed")
 	return rd, nil
+}
+
+// bindHash gives a block-hash provider its source, its manifest (beside the
+// replica) and the replica itself, opened read-only, to rebuild a manifest
+// lost in a crash. The returned function closes the replica.
+func (s *Syncer) bindHash(h *cbt.Hash, src block.Device, replica string) (func(), error) {
+	h.Source = src
+	if h.Manifest == "" {
+		h.Manifest = replica + ".hashes"
+	}
+	if h.Workers == 0 {
+		h.Workers = s.cfg.Workers
+	}
+	if _, err := os.Stat(replica); err != nil {
+		return func() {}, nil
+	}
+	var dev block.Device
+	switch s.cfg.Format {
+	case "qcow2":
+		im, err := qcow2.OpenFile(replica)
+		if err != nil {
+			return nil, fmt.Errorf("opening replica %s: %w", replica, err)
+		}
+		dev = im
+	default:
+		f, err := os.Open(replica)
+		if err != nil {
+			return nil, err
+		}
+		st, err := f.Stat()
+		if err != nil {
+			f.Close()
+			return nil, err
+		}
+		dev = &block.ReaderAt{R: f, N: st.Size(), Done: f.Close}
+	}
+	h.Replica = dev
+	return func() { h.Replica = nil; dev.Close() }, nil
 }
 
 // fullCopy writes a fresh replica under a temporary name and renames it over

@@ -173,6 +173,52 @@ func TestSyncRoundsAgainstSimulator(t *testing.T) {
 	}
 }
 
+// Without CBT, the block-hash provider: the frozen disk is hashed in full,
+// only blocks that differ from the manifest are written.
+func TestSyncBlockHashes(t *testing.T) {
+	ctx := context.Background()
+	h := cbttest.New(t, cbttest.Options{Size: 16 << 20, Seed: 2, PoweredOn: true})
+	src := vsphereSource(t, h)
+	src.Hashes = true
+	target := t.TempDir()
+	s, err := OpenSync(SyncConfig{Source: src, Target: target, Sinks: newSinks(), Workers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	round := func() cbt.Round {
+		t.Helper()
+		r, err := s.Round(ctx, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		testutil.Compare(t, "qcow2", filepath.Join(target, s.State.Disks[0].Replica), "raw", h.Flat)
+		return r
+	}
+	if r := round(); !r.Disks[0].Full || r.Disks[0].Provider != "block-hash" {
+		t.Fatalf("round 1: %+v", r.Disks[0])
+	}
+	if err := h.Write(3<<20+100, []byte("changed")); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Discard(10<<20, 256<<10); err != nil {
+		t.Fatal(err)
+	}
+	r := round()
+	if r.Disks[0].Full || r.Totals.Changed > 3*256<<10 || r.Totals.Changed == 0 {
+		t.Fatalf("round 2: full=%v changed %d", r.Disks[0].Full, r.Totals.Changed)
+	}
+	// A crash after the manifest was invalidated: rebuilt from the replica.
+	if err := os.Remove(filepath.Join(target, s.State.Disks[0].Replica+".hashes")); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Write(5<<20, []byte("again")); err != nil {
+		t.Fatal(err)
+	}
+	if r := round(); r.Disks[0].Full || r.Disks[0].Warning == "" || r.Totals.Changed != 256<<10 {
+		t.Fatalf("round 3: %+v", r.Disks[0])
+	}
+}
+
 // A leftover migration snapshot (a killed run) is found by name and removed.
 func TestLeftoverSnapshot(t *testing.T) {
 	ctx := context.Background()

@@ -41,6 +41,10 @@ type VSphereSource struct {
 	EnableCBT bool
 	// SnapshotName overrides MigrationSnapshot (tests).
 	SnapshotName string
+	// Hashes selects the block-hash provider instead of CBT: no change
+	// tracking needed, the frozen disk is read in full every round and only
+	// differing blocks are written.
+	Hashes bool
 }
 
 func (v *VSphereSource) snapName() string {
@@ -134,7 +138,7 @@ func (v *VSphereSource) Freeze(ctx context.Context) (Frozen, error) {
 	if err != nil {
 		return nil, err
 	}
-	if !on {
+	if !on && !v.Hashes {
 		if !v.EnableCBT {
 			return nil, fmt.Errorf("changed block tracking is off on %s: run with --enable-cbt (it takes effect at the next snapshot)", v.Name)
 		}
@@ -213,11 +217,15 @@ func (f *vsphereFrozen) describe(ctx context.Context) error {
 			return fmt.Errorf("disk %d: %w", vd.Key, err)
 		}
 		key := vd.Key
+		var prov cbt.Provider = &cbt.VSphere{Capacity: vd.CapacityInBytes, ChangeID: changeID,
+			Query: cbt.SOAPQuery(f.v.Client, f.v.VM, f.snap, key)}
+		if f.v.Hashes {
+			prov = &cbt.Hash{} // bound to the source and replica by the Syncer
+		}
 		f.disks = append(f.disks, FrozenDisk{
 			Key: strconv.Itoa(int(key)), Label: label, Capacity: vd.CapacityInBytes,
-			Provider: &cbt.VSphere{Capacity: vd.CapacityInBytes, ChangeID: changeID,
-				Query: cbt.SOAPQuery(f.v.Client, f.v.VM, f.snap, key)},
-			Open: func(ctx context.Context) (block.Device, error) { return f.v.OpenURL(ctx, loc) },
+			Provider: prov,
+			Open:     func(ctx context.Context) (block.Device, error) { return f.v.OpenURL(ctx, loc) },
 		})
 	}
 	if len(f.disks) == 0 {

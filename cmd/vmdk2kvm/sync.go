@@ -31,6 +31,7 @@ func warmFlags() []cli.Flag {
 		&cli.StringFlag{Name: "target", Aliases: []string{"t"}, Required: true, Usage: "folder of the replicas and the sync state"},
 		&cli.StringFlag{Name: "output-format", Aliases: []string{"O"}, Value: "qcow2", Usage: "replica format: qcow2 or raw"},
 		&cli.BoolFlag{Name: "yes", Aliases: []string{"y"}, Usage: "remove a leftover migration snapshot of a killed run without asking"},
+		&cli.StringFlag{Name: "provider", Value: "cbt", Usage: "what tells the changes: cbt (vSphere changed block tracking) or hash (no CBT: read the whole disk, write only blocks whose hash differs)"},
 		&cli.IntFlag{Name: "workers", Usage: "parallel readers (0: automatic)"},
 		&cli.BoolFlag{Name: "json", Usage: "progress and summary as JSON lines on stdout"},
 	)
@@ -134,6 +135,9 @@ func openWarm(c *cli.Context, enableCBT bool) (*warm, error) {
 	if c.NArg() != 1 {
 		return nil, fmt.Errorf("%s: want one vsphere:// URI, got %d arguments", c.Command.Name, c.NArg())
 	}
+	if p := c.String("provider"); p != "cbt" && p != "hash" {
+		return nil, fmt.Errorf("--provider %q: want cbt or hash", p)
+	}
 	uri, err := vmware.ParseURI(c.Args().First())
 	if err != nil {
 		return nil, err
@@ -169,6 +173,7 @@ func openWarm(c *cli.Context, enableCBT bool) (*warm, error) {
 	reg.AddFormat(vmdk.Format{}).AddFormat(raw.Format{})
 	src := &pipeline.VSphereSource{
 		Client: client.Vim(), VM: vm.Ref, Name: vm.Path, DCPath: vm.DCPath, EnableCBT: enableCBT,
+		Hashes: c.String("provider") == "hash",
 		OpenURL: func(ctx context.Context, loc string) (block.Device, error) {
 			img, err := reg.Open(ctx, loc, sources.Options{Format: "vmdk"})
 			if err != nil {
