@@ -21,6 +21,7 @@ func convertCommand() *cli.Command {
 		Flags: append(append(sourceFlags(),
 			&cli.StringFlag{Name: "output-format", Aliases: []string{"O"}, Usage: "output format (qcow2 where built in, else raw)"},
 			&cli.StringFlag{Name: "compress", Usage: "compress output clusters: deflate or zstd (qcow2)"},
+			&cli.BoolFlag{Name: "c", Usage: "compress output clusters with deflate, like qemu-img -c (same as --compress=deflate)"},
 			&cli.IntFlag{Name: "compress-level", Usage: "compression level (0: default)"},
 			&cli.Int64Flag{Name: "cluster-size", Usage: "qcow2 cluster size in bytes (4096 to 2097152)"},
 			&cli.StringFlag{Name: "preallocation", Usage: "qcow2 preallocation: off or metadata"},
@@ -53,7 +54,7 @@ func convertCommand() *cli.Command {
 			}
 			out, err := outs.Create(c.Context, format, dst, img.Size(), sinks.Options{
 				ClusterSize:   c.Int64("cluster-size"),
-				Compress:      c.String("compress"),
+				Compress:      compression(c),
 				CompressLevel: c.Int("compress-level"),
 				Preallocation: c.String("preallocation"),
 				Workers:       c.Int("workers"),
@@ -103,4 +104,12 @@ func printCopySummary(c *cli.Context, event, src, dst, format string, st copier.
 		event, src, dst, format, human(st.Total), human(st.Read), human(st.Written), human(st.Skipped+st.Zeroed),
 		st.Elapsed.Round(time.Millisecond), human(int64(rate)))
 	return err
+}
+
+// compression is --compress, or deflate for -c.
+func compression(c *cli.Context) string {
+	if comp := c.String("compress"); comp != "" || !c.Bool("c") {
+		return comp
+	}
+	return "deflate"
 }
