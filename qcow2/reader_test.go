@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/vmdk2kvm/vmdk2kvm/sinks"
 	"github.com/vmdk2kvm/vmdk2kvm/sources"
 )
 
@@ -71,6 +72,13 @@ func TestReaderAgainstQemu(t *testing.T) {
 				}
 			}
 			checkExtents(t, img, want, path)
+			if name == "top" || name == "onvmdk" || name == "zstd" {
+				// Flatten the chain into one qcow2 with our writer.
+				flat := filepath.Join(t.TempDir(), "flat.qcow2")
+				convert(t, path, flat, sinks.Options{})
+				qemuCheck(t, flat)
+				qemuCompare(t, path, flat)
+			}
 		})
 	}
 	t.Run("chain-info", func(t *testing.T) {

@@ -12,7 +12,10 @@ import (
 	"testing"
 
 	"github.com/vmdk2kvm/vmdk2kvm/block"
+	"github.com/vmdk2kvm/vmdk2kvm/copier"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/diskgen"
 	"github.com/vmdk2kvm/vmdk2kvm/sinks"
+	"github.com/vmdk2kvm/vmdk2kvm/sources"
 )
 
 // modelFile writes a model device to a raw file for qemu-img compare.
@@ -496,4 +499,40 @@ func dropUnsynced(t testing.TB, u *updater, rng *rand.Rand) {
 		}
 	}
 	u.undo = nil
+}
+
+// An incremental sync as the warm migration runs it: the copy engine writes
+// a newer disk into the existing image from several goroutines, zeroing what
+// became holes (TargetZeroed false); after Flush and Close the image is
+// clean for qemu-img check and identical to the newer disk.
+func TestUpdaterIncrementalCopy(t *testing.T) {
+	dir := t.TempDir()
+	v1 := genDisk(t)
+	img := filepath.Join(dir, "replica.qcow2")
+	convert(t, v1, img, sinks.Options{})
+	v2 := filepath.Join(dir, "v2.raw")
+	if _, err := diskgen.Write(context.Background(), v2, diskSize, 8); err != nil {
+		t.Fatal(err)
+	}
+	src, err := registry().Open(context.Background(), v2, sources.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer src.Close()
+	im, err := OpenUpdate(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := copier.Copy(context.Background(), src, im, copier.Options{Workers: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Zeroed == 0 {
+		t.Fatalf("no Zero calls exercised: %+v", st)
+	}
+	if err := im.Close(); err != nil {
+		t.Fatal(err)
+	}
+	qemuCheck(t, img)
+	qemuCompare(t, v2, img)
 }
