@@ -42,10 +42,19 @@
 // after the last Flush (plus unreferenced data past the old end). A crash
 // inside Flush leaves an image marked dirty whose only possible defects are
 // leaked clusters (refcount higher than the references): `qemu-img check -r
-// all` (or qemu opening the image read-write, because of the dirty bit)
-// repairs it, and every write that returned before the last completed Flush
-// reads back. Lazy refcounts are not used. Freed clusters are not reused;
-// their space is given back to the file system with a punched hole.
+// all`, qemu opening the image read-write, or OpenUpdate (through Repair)
+// rebuilds the refcounts, and every write that returned before the last
+// completed Flush reads back. Lazy refcounts are not used. Freed clusters
+// are not reused; their space is given back to the file system with a
+// punched hole. The tests cut the write sequence at random points, also
+// losing random writes issued since the last fsync, and check all of this
+// with qemu-img.
+//
+// Memory: the streaming writer holds 8 bytes per guest cluster of the L2
+// tables it has touched, partial compressed clusters up to 64 MiB, and at
+// Commit 2 bytes per host cluster for the refcounts. The reader and the
+// updater cache at most 32 MiB of L2 tables (plus, for the updater, the
+// tables changed since the last Flush).
 package qcow2
 
 import (
