@@ -32,6 +32,9 @@ func (in *inflater) inflate(out, z []byte) (int, error) {
 	if flg&0x20 != 0 {
 		return 0, errors.New("zlib stream wants a preset dictionary")
 	}
+	if n, rest, ok := storedOnly(out, z[2:]); ok {
+		return n, checkTrailer(out[:n], rest)
+	}
 	in.br.Reset(z[2:])
 	if in.fr == nil {
 		in.fr = flate.NewReader(&in.br)
@@ -52,14 +55,43 @@ func (in *inflater) inflate(out, z []byte) (int, error) {
 			return n, fmt.Errorf("inflate: %w", err)
 		}
 	}
-	rest := z[len(z)-in.br.Len():]
+	return n, checkTrailer(out[:n], z[len(z)-in.br.Len():])
+}
+
+// checkTrailer checks the Adler-32 trailer at the start of rest against
+// the decompressed bytes.
+func checkTrailer(out, rest []byte) error {
 	if len(rest) < 4 {
-		return n, errors.New("zlib stream has no Adler-32 trailer")
+		return errors.New("zlib stream has no Adler-32 trailer")
 	}
-	if want, got := binary.BigEndian.Uint32(rest), adler32Sum(out[:n]); want != got {
-		return n, fmt.Errorf("Adler-32 checksum %#08x, the stream says %#08x", got, want)
+	if want, got := binary.BigEndian.Uint32(rest), adler32Sum(out); want != got {
+		return fmt.Errorf("Adler-32 checksum %#08x, the stream says %#08x", got, want)
 	}
-	return n, nil
+	return nil
+}
+
+// storedOnly decodes a deflate stream made only of stored blocks (what
+// zlib writes for incompressible data: most grains of a real disk) with
+// one copy, instead of two through the inflater's window. It returns the
+// length and the bytes after the stream; ok is false for anything else
+// (a compressed block, a malformed one), which the inflater then handles
+// (and reports) from the start.
+func storedOnly(out, d []byte) (n int, rest []byte, ok bool) {
+	for {
+		if len(d) < 5 || d[0]>>1 != 0 { // BTYPE 00 and zero padding bits
+			return 0, nil, false
+		}
+		final := d[0]&1 != 0
+		l := int(binary.LittleEndian.Uint16(d[1:]))
+		if binary.LittleEndian.Uint16(d[3:]) != ^uint16(l) || 5+l > len(d) || n+l > len(out) {
+			return 0, nil, false
+		}
+		n += copy(out[n:], d[5:5+l])
+		d = d[5+l:]
+		if final {
+			return n, d, true
+		}
+	}
 }
 
 // adler32Sum is RFC 1950's Adler-32, 8 bytes per step instead of one (about
