@@ -17,6 +17,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/vmdk2kvm/vmdk2kvm/block"
 	"github.com/vmdk2kvm/vmdk2kvm/cbt"
 	"github.com/vmdk2kvm/vmdk2kvm/copier"
@@ -78,12 +80,17 @@ type SyncConfig struct {
 	Hook func(point string)
 }
 
-// Syncer runs rounds against one target folder.
+// Syncer runs rounds against one target folder. It holds an exclusive lock
+// on the folder until Close, so two syncs never interleave their writes.
 type Syncer struct {
 	cfg   SyncConfig
 	State *cbt.State
 	path  string
+	lock  *os.File
 }
+
+// LockFile is the lock a Syncer holds in its target folder.
+const LockFile = ".vmdk2kvm-sync.lock"
 
 // OpenSync loads (or starts) the state of a target folder.
 func OpenSync(cfg SyncConfig) (*Syncer, error) {
@@ -96,17 +103,37 @@ func OpenSync(cfg SyncConfig) (*Syncer, error) {
 	if err := os.MkdirAll(cfg.Target, 0o755); err != nil {
 		return nil, fmt.Errorf("target folder: %w", err)
 	}
+	lock, err := os.OpenFile(filepath.Join(cfg.Target, LockFile), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("%s is in use by another sync or cutover (%v)", cfg.Target, err)
+	}
 	p := filepath.Join(cfg.Target, cbt.StateFile)
 	st, err := cbt.LoadState(p)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		lock.Close()
 		return nil, err
 	}
 	if st.Source == "" {
 		st.Source = cfg.Source.Describe()
 	} else if st.Source != cfg.Source.Describe() {
+		lock.Close()
 		return nil, fmt.Errorf("%s holds a sync of %s, not %s: use another --target", cfg.Target, st.Source, cfg.Source.Describe())
 	}
-	return &Syncer{cfg: cfg, State: st, path: p}, nil
+	return &Syncer{cfg: cfg, State: st, path: p, lock: lock}, nil
+}
+
+// Close releases the target folder.
+func (s *Syncer) Close() error {
+	if s.lock == nil {
+		return nil
+	}
+	err := s.lock.Close()
+	s.lock = nil
+	return err
 }
 
 // SetProgress sets the copy progress callback.

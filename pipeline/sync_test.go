@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/vmware/govmomi"
 	"github.com/vmware/govmomi/object"
@@ -80,6 +81,10 @@ func TestSyncRoundsAgainstSimulator(t *testing.T) {
 	s, err := OpenSync(SyncConfig{Source: src, Target: target, Sinks: newSinks(), Workers: 2})
 	if err != nil {
 		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := OpenSync(SyncConfig{Source: src, Target: target, Sinks: newSinks()}); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("a second sync on the same target: %v", err)
 	}
 	// CBT is off and not to be enabled: a clear error, and no snapshot left.
 	if _, err := s.Round(ctx, ""); err == nil || !strings.Contains(err.Error(), "--enable-cbt") {
@@ -244,4 +249,25 @@ func TestLeftoverSnapshot(t *testing.T) {
 	}
 }
 
-var _ = os.Remove
+// The projection: no estimate before an incremental round; then overhead
+// plus the changes expected until the final snapshot at the copy rate.
+func TestProject(t *testing.T) {
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	rounds := []cbt.Round{
+		{N: 1, Kind: "full", Start: t0, Seconds: 100, Totals: cbt.RoundTotals{Changed: 1000 << 20, Read: 1000 << 20, CopySeconds: 90}},
+	}
+	if p := Project(rounds, 0); p.Known {
+		t.Fatalf("known after a full round only: %+v", p)
+	}
+	rounds = append(rounds, cbt.Round{N: 2, Kind: "incremental", Start: t0.Add(200 * time.Second), Seconds: 12,
+		Totals: cbt.RoundTotals{Changed: 200 << 20, Read: 200 << 20, CopySeconds: 10}})
+	p := Project(rounds, 0)
+	// change rate 200 MiB / 200 s = 1 MiB/s; 12 s until the final snapshot
+	// → 12 MiB at 20 MiB/s = 0.6 s, plus 2 s of snapshot overhead.
+	if !p.Known || p.ChangeRate != 1<<20 || p.CopyRate != 20<<20 || p.OverheadSeconds != 2 || p.FinalRoundSecond < 2.59 || p.FinalRoundSecond > 2.61 {
+		t.Fatalf("%+v", p)
+	}
+	if p := Project(rounds, time.Minute); p.ExpectedChanged != 60<<20 {
+		t.Fatalf("with a 1 minute interval: %+v", p)
+	}
+}

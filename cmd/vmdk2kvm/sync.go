@@ -127,7 +127,12 @@ type warm struct {
 	syncer *pipeline.Syncer
 }
 
-func (w *warm) close() { w.client.Close(context.Background()) }
+func (w *warm) close() {
+	if w.syncer != nil {
+		w.syncer.Close()
+	}
+	w.client.Close(context.Background())
+}
 
 // openWarm connects, finds the VM, deals with a leftover migration snapshot
 // and opens the target's state.
