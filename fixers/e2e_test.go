@@ -278,8 +278,10 @@ func TestConvertFixBoots(t *testing.T) {
 		unfixedBoot <- bootRes{r, err}
 	}()
 
+	userData := filepath.Join(out, "user-data.yaml")
+	os.WriteFile(userData, []byte("#cloud-config\nhostname: kvm-deb12\n"), 0o644)
 	start := time.Now()
-	_, stderr, err := vmdk2kvm(ctx, "convert", "--fix", "--on-fixer-error", "continue", "--no-default-plugin-dirs",
+	_, stderr, err := vmdk2kvm(ctx, "convert", "--fix", "--on-fixer-error", "continue", "--cloud-init", userData, "--no-default-plugin-dirs",
 		"--plugin-dir", goodDir, "--plugin-dir", badDir(t, "crash-plan", "write-in-plan"), guest, fixed)
 	if err != nil {
 		t.Fatalf("convert --fix: %v\n%s", err, stderr)
@@ -332,7 +334,8 @@ func TestConvertFixBoots(t *testing.T) {
 		ops[m.Op+" "+m.Path+strings.Join(m.Argv, " ")] = m.Error == ""
 	}
 	for _, want := range []string{"write /etc/fstab", "remove /etc/udev/rules.d/70-persistent-net.rules",
-		"symlink /etc/systemd/system/open-vm-tools.service", "command update-initramfs -u -k all"} {
+		"symlink /etc/systemd/system/open-vm-tools.service", "command update-initramfs -u -k all",
+		"write /var/lib/cloud/seed/nocloud/user-data"} {
 		if ok, seen := ops[want]; !seen || !ok {
 			t.Errorf("host journal lacks successful %q: %v", want, ops)
 		}
@@ -360,7 +363,7 @@ func TestConvertFixBoots(t *testing.T) {
 		t.Fatalf("the fixed guest did not boot: %s\nconsole tail:\n%s", fb.Reason, tail(fb.Console, 3000))
 	}
 	t.Logf("fixed guest booted in %s: %s", fb.Elapsed.Round(time.Second), fb.Line)
-	for _, want := range []string{"root=/dev/vda1", "nics=ens192 lo", "motd=This system was migrated from VMware to KVM by vmdk2kvm."} {
+	for _, want := range []string{"root=/dev/vda1", "nics=ens192 lo", "motd=vmware-deb12 was migrated from VMware to KVM by vmdk2kvm."} {
 		if !strings.Contains(fb.Line, want) {
 			t.Errorf("boot marker %q lacks %q", fb.Line, want)
 		}
@@ -378,25 +381,36 @@ func TestConvertFixBoots(t *testing.T) {
 	}
 	t.Logf("unfixed guest did not boot (%s): %s", ub.r.Elapsed.Round(time.Second), ub.r.Reason)
 
-	// Second run on the converted image: nothing left to do.
-	stdout, stderr, err := vmdk2kvm(ctx, "fix", "--json", "--no-default-plugin-dirs", "--plugin-dir", goodDir, fixed)
+	// Second run on the converted image: the Linux fixer and the example plan
+	// nothing. A plugin crashing while planning then aborts the run (the
+	// default policy): the image is left exactly as it was, no overlay behind.
+	fixedSum, err := fileSum(fixed)
 	if err != nil {
-		t.Fatalf("second fix: %v\n%s", err, stderr)
+		t.Fatal(err)
+	}
+	stdout, stderr, err := vmdk2kvm(ctx, "fix", "--json", "--no-default-plugin-dirs", "--plugin-dir", goodDir,
+		"--plugin-dir", badDir(t, "crash-plan"), fixed)
+	if err == nil || !strings.Contains(stderr, "the image is unchanged") || !strings.Contains(stderr, "crashing in Plan on purpose") {
+		t.Fatalf("second fix with a crashing plugin: want an abort, got %v\n%s", err, stderr)
 	}
 	var rep2 pipeline.FixReport
 	if err := json.Unmarshal([]byte(stdout), &rep2); err != nil {
 		t.Fatalf("second fix report: %v\n%s", err, stdout)
 	}
-	for _, p := range rep2.Plugins {
+	for _, name := range []string{"linux", "motd"} {
+		p := pluginReport(t, &rep2, name)
 		if p.Status != pipeline.StatusNothing || len(p.Planned) != 0 || len(p.Mutations) != 0 {
-			t.Errorf("second run: plugin %s %s planned %d: %+v", p.Name, p.Status, len(p.Planned), p.Planned)
+			t.Errorf("second run: plugin %s %s, planned %+v", p.Name, p.Status, p.Planned)
 		}
 	}
-	if len(rep2.Plugins) != 2 {
-		t.Errorf("second run ran %d plugins", len(rep2.Plugins))
+	if p := pluginReport(t, &rep2, "crash-plan"); p.Status != pipeline.StatusFailed {
+		t.Errorf("crash-plan: %+v", p)
 	}
-	if b, err := exec.Command("qemu-img", "check", fixed).CombinedOutput(); err != nil {
-		t.Fatalf("qemu-img check after the second fix: %v\n%s", err, b)
+	if sum, err := fileSum(fixed); err != nil || sum != fixedSum {
+		t.Errorf("an aborted fix changed the image (%v)", err)
+	}
+	if _, err := os.Stat(fixed + ".fix-overlay.qcow2"); err == nil {
+		t.Error("the fix overlay was left behind")
 	}
 }
 
@@ -405,4 +419,44 @@ func tail(s string, n int) string {
 		return s[len(s)-n:]
 	}
 	return s
+}
+
+// TestPluginsList: `vmdk2kvm plugins list` shows each plugin found, its
+// version and what it applies to, and reports a broken one without failing.
+func TestPluginsList(t *testing.T) {
+	fixture(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	stdout, stderr, err := vmdk2kvm(ctx, "plugins", "list", "--json", "--no-default-plugin-dirs",
+		"--plugin-dir", goodDir, "--plugin-dir", badDir(t, "badshake"))
+	if err != nil {
+		t.Fatalf("plugins list: %v\n%s", err, stderr)
+	}
+	var got struct {
+		Plugins []struct {
+			Name, Version, Path, SHA256, Error string
+			OSTypes                            []string `json:"os_types"`
+			Order                              int
+		}
+	}
+	if err := json.Unmarshal([]byte(stdout), &got); err != nil {
+		t.Fatalf("%v\n%s", err, stdout)
+	}
+	if len(got.Plugins) != 3 {
+		t.Fatalf("want badshake, linux, motd; got %+v", got.Plugins)
+	}
+	b, l, m := got.Plugins[0], got.Plugins[1], got.Plugins[2]
+	if b.Name != "badshake" || !strings.Contains(b.Error, "wrong handshake") {
+		t.Errorf("badshake: %+v", b)
+	}
+	if l.Name != "linux" || l.Version == "" || len(l.OSTypes) != 1 || l.OSTypes[0] != "linux" || l.SHA256 != mustSum(t, "vmdk2kvm-fixer-linux") {
+		t.Errorf("linux: %+v", l)
+	}
+	if m.Name != "motd" || m.Version != "1.0.0" || m.Order != 50 {
+		t.Errorf("motd: %+v", m)
+	}
+	text, _, err := vmdk2kvm(ctx, "plugins", "list", "--no-default-plugin-dirs", "--plugin-dir", goodDir)
+	if err != nil || !strings.Contains(text, "NAME") || !strings.Contains(text, "linux  ") {
+		t.Errorf("text listing (%v):\n%s", err, text)
+	}
 }

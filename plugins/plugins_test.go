@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	pb "github.com/vmdk2kvm/vmdk2kvm/plugins/proto"
 )
 
 // binDir holds real plugin binaries built once for the package's tests.
@@ -169,5 +171,25 @@ func TestOrder(t *testing.T) {
 	}
 	if _, err := Order([]*Plugin{mk("a", 0, "b"), mk("b", 0, "a")}); err == nil {
 		t.Fatal("cycle not reported")
+	}
+}
+
+func TestSkipReason(t *testing.T) {
+	d := Description{Name: "linux", OSTypes: []string{"linux"}, Distros: []string{"debian", "ubuntu"}, MinVersion: "10", MaxVersion: "12.9"}
+	cases := []struct {
+		in   *pb.Inspection
+		skip string
+	}{
+		{&pb.Inspection{OsType: "windows", Distro: "windows", Major: 10}, `this one is "windows"`},
+		{&pb.Inspection{OsType: "linux", Distro: "rhel", Major: 9}, `this guest is "rhel"`},
+		{&pb.Inspection{OsType: "linux", Distro: "debian", Major: 9}, "needs version >= 10"},
+		{&pb.Inspection{OsType: "linux", Distro: "debian", Major: 13}, "needs version <= 12.9"},
+		{&pb.Inspection{OsType: "linux", Distro: "debian", Major: 12, Minor: 5}, ""},
+	}
+	for _, c := range cases {
+		got := SkipReason(d, c.in)
+		if (c.skip == "") != (got == "") || !strings.Contains(got, c.skip) {
+			t.Errorf("%v: skip %q, want %q", c.in, got, c.skip)
+		}
 	}
 }

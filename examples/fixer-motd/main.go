@@ -1,6 +1,6 @@
 // Command fixer-motd is an example third-party vmdk2kvm fixer: it leaves a
-// migration notice in /etc/motd and a udev rule that sets the I/O scheduler of
-// virtio disks to "none". Build it as vmdk2kvm-fixer-motd and put it in a
+// migration notice naming the host (read through Augeas) in /etc/motd and a
+// udev rule that sets the I/O scheduler of virtio disks to "none". Build it as vmdk2kvm-fixer-motd and put it in a
 // plugin directory:
 //
 //	go build -o ~/.local/lib/vmdk2kvm/plugins/vmdk2kvm-fixer-motd ./examples/fixer-motd
@@ -24,12 +24,19 @@ func (motd) Describe() plugins.Description {
 }
 
 const (
-	notice = "This system was migrated from VMware to KVM by vmdk2kvm.\n"
-	rule   = "# Added by the vmdk2kvm example fixer.\n" +
+	rule = "# Added by the vmdk2kvm example fixer.\n" +
 		`ACTION=="add|change", KERNEL=="vd[a-z]", ATTR{queue/scheduler}="none"` + "\n"
 )
 
 func (motd) Plan(ctx context.Context, g *plugins.Guest) ([]plugins.Change, error) {
+	host, ok, err := g.AugGet(ctx, "/files/etc/hostname/hostname")
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		host = "this system"
+	}
+	notice := host + " was migrated from VMware to KVM by vmdk2kvm.\n"
 	var changes []plugins.Change
 	for _, f := range []struct{ path, want, why string }{
 		{"/etc/motd", notice, "Write a migration notice to /etc/motd."},

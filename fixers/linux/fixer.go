@@ -396,6 +396,9 @@ func (p *plan) cloudInit(ctx context.Context) error {
 	if ud == "" {
 		return nil
 	}
+	if p.firstExisting(ctx, "/usr/bin/cloud-init", "/bin/cloud-init") == "" {
+		p.g.Warn("cloud-init is not installed in the guest: the NoCloud seed is written but nothing reads it until cloud-init is installed")
+	}
 	dir := "/var/lib/cloud/seed/nocloud"
 	for _, f := range []struct{ name, content string }{
 		{"user-data", ud},
