@@ -78,7 +78,7 @@ func TestWriterQemu(t *testing.T) {
 // by sources/vmdk, written by us: identical to the raw disk for qemu.
 func TestWriterFromVMDK(t *testing.T) {
 	src := genDisk(t)
-	for _, sub := range []string{"monolithicSparse", "streamOptimized"} {
+	for _, sub := range []string{"monolithicSparse", "streamOptimized", "monolithicFlat", "twoGbMaxExtentSparse"} {
 		t.Run(sub, func(t *testing.T) {
 			dir := t.TempDir()
 			v := filepath.Join(dir, "disk.vmdk")
