@@ -111,6 +111,14 @@ func OpenSync(cfg SyncConfig) (*Syncer, error) {
 		lock.Close()
 		return nil, fmt.Errorf("%s is in use by another sync or cutover (%v)", cfg.Target, err)
 	}
+	// A full round killed mid-copy leaves its unfinished output under the
+	// sinks' temporary name; under the lock nobody else can be writing it.
+	if stale, _ := filepath.Glob(filepath.Join(cfg.Target, ".disk-*.part-*")); len(stale) > 0 {
+		for _, f := range stale {
+			os.Remove(f)
+		}
+		cfg.Log.Info("removed unfinished replicas of an interrupted round", "files", len(stale))
+	}
 	p := filepath.Join(cfg.Target, cbt.StateFile)
 	st, err := cbt.LoadState(p)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {

@@ -166,7 +166,7 @@ func TestCrashSafety(t *testing.T) {
 	h := cbttest.New(t, cbttest.Options{Size: 16 << 20, Seed: 9, CBT: true, PoweredOn: true})
 	target := t.TempDir()
 	common := []string{"--target", target, "--insecure", "--yes"}
-	points := []string{"frozen", "copy", "flushed", "committed", "before-release", "released"}
+	points := []string{"copy", "frozen", "flushed", "committed", "before-release", "released"}
 	r := rand.New(rand.NewPCG(42, 42))
 	killedAt := map[string]int{}
 	for trial := range 20 {
@@ -182,6 +182,9 @@ func TestCrashSafety(t *testing.T) {
 		}
 		point := points[trial%len(points)]
 		delay := time.Duration(r.IntN(40)) * time.Millisecond
+		if trial == 0 {
+			delay = 60 * time.Millisecond // in the middle of the full copy
+		}
 		if killSyncAt(t, h, common, point, delay) {
 			killedAt[point]++
 		}
@@ -190,6 +193,9 @@ func TestCrashSafety(t *testing.T) {
 		testutil.Run(t, "qemu-img", "check", replica(t, target))
 		if snaps, err := h.Snapshots(context.Background()); err != nil || len(snaps) != 0 {
 			t.Fatalf("trial %d: snapshots after the resumed run: %v %v", trial, snaps, err)
+		}
+		if part, _ := filepath.Glob(filepath.Join(target, ".*.part-*")); len(part) != 0 {
+			t.Fatalf("trial %d: unfinished outputs left: %v", trial, part)
 		}
 	}
 	for _, p := range points {
