@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"flag"
 	"log"
+	"log/slog"
 	"os"
 	"strings"
 	"time"
@@ -40,8 +41,9 @@ func main() {
 		log.Fatal("usage: remoteread [flags] URL")
 	}
 	url := flag.Arg(0)
-	ht := httpsrc.New(httpsrc.Config{Connections: *conns, Thumbprint: *thumb})
-	st := sshsrc.New(sshsrc.Config{Connections: *conns, KeyFiles: []string{*key}, KnownHosts: []string{*kh}, AgentSocket: "none"})
+	quiet := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	ht := httpsrc.New(httpsrc.Config{Connections: *conns, Thumbprint: *thumb, Log: quiet})
+	st := sshsrc.New(sshsrc.Config{Connections: *conns, KeyFiles: []string{*key}, KnownHosts: []string{*kh}, AgentSocket: "none", Log: quiet})
 	reg := sources.NewRegistry().AddTransport(ht).AddTransport(st).AddFormat(vmdk.Format{}).AddFormat(raw.Format{})
 	ctx := context.Background()
 	start := time.Now()
