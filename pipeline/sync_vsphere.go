@@ -37,8 +37,13 @@ type VSphereSource struct {
 	// place.
 	OpenURL func(ctx context.Context, location string) (block.Device, error)
 	// EnableCBT turns change tracking on when it is off (it takes effect at
-	// the stun of the first snapshot).
-	EnableCBT bool
+	// the stun of the round's snapshot), through EnableCBTFunc when set (the
+	// control plane's, which also sets the per-disk ctkEnabled flags).
+	EnableCBT     bool
+	EnableCBTFunc func(ctx context.Context) error
+	// Quiesce asks VMware Tools to quiesce the guest file systems for each
+	// round's snapshot.
+	Quiesce bool
 	// SnapshotName overrides MigrationSnapshot (tests).
 	SnapshotName string
 	// Hashes selects the block-hash provider instead of CBT: no change
@@ -142,16 +147,20 @@ func (v *VSphereSource) Freeze(ctx context.Context) (Frozen, error) {
 		if !v.EnableCBT {
 			return nil, fmt.Errorf("changed block tracking is off on %s: run with --enable-cbt (it takes effect at the next snapshot)", v.Name)
 		}
-		yes := true
-		task, err := v.vm().Reconfigure(ctx, types.VirtualMachineConfigSpec{ChangeTrackingEnabled: &yes})
-		if err == nil {
-			err = task.Wait(ctx)
+		if v.EnableCBTFunc != nil {
+			err = v.EnableCBTFunc(ctx)
+		} else {
+			yes := true
+			var task *object.Task
+			if task, err = v.vm().Reconfigure(ctx, types.VirtualMachineConfigSpec{ChangeTrackingEnabled: &yes}); err == nil {
+				err = task.Wait(ctx)
+			}
 		}
 		if err != nil {
 			return nil, fmt.Errorf("enabling changed block tracking on %s: %w", v.Name, err)
 		}
 	}
-	task, err := v.vm().CreateSnapshot(ctx, v.snapName(), "vmdk2kvm warm migration: removed at the end of each sync round", false, false)
+	task, err := v.vm().CreateSnapshot(ctx, v.snapName(), "vmdk2kvm warm migration: removed at the end of each sync round", false, v.Quiesce)
 	if err != nil {
 		return nil, fmt.Errorf("creating snapshot: %w", err)
 	}

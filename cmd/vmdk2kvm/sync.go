@@ -31,6 +31,7 @@ func warmFlags() []cli.Flag {
 		&cli.StringFlag{Name: "target", Aliases: []string{"t"}, Required: true, Usage: "folder of the replicas and the sync state"},
 		&cli.StringFlag{Name: "output-format", Aliases: []string{"O"}, Value: "qcow2", Usage: "replica format: qcow2 or raw"},
 		&cli.BoolFlag{Name: "yes", Aliases: []string{"y"}, Usage: "remove a leftover migration snapshot of a killed run without asking"},
+		&cli.BoolFlag{Name: "quiesce", Usage: "quiesce the guest file systems (VMware Tools) for each round's snapshot"},
 		&cli.StringFlag{Name: "provider", Value: "cbt", Usage: "what tells the changes: cbt (vSphere changed block tracking) or hash (no CBT: read the whole disk, write only blocks whose hash differs)"},
 		&cli.IntFlag{Name: "workers", Usage: "parallel readers (0: automatic)"},
 		&cli.BoolFlag{Name: "json", Usage: "progress and summary as JSON lines on stdout"},
@@ -178,7 +179,14 @@ func openWarm(c *cli.Context, enableCBT bool) (*warm, error) {
 	reg.AddFormat(vmdk.Format{}).AddFormat(raw.Format{})
 	src := &pipeline.VSphereSource{
 		Client: client.Vim(), VM: vm.Ref, Name: vm.Path, DCPath: vm.DCPath, EnableCBT: enableCBT,
-		Hashes: c.String("provider") == "hash",
+		Hashes: c.String("provider") == "hash", Quiesce: c.Bool("quiesce"),
+		EnableCBTFunc: func(ctx context.Context) error {
+			res, err := client.EnableCBT(ctx, vm, false)
+			if err == nil {
+				fmt.Fprintf(c.App.ErrWriter, "sync: changed block tracking enabled on %s (disks %s); it takes effect at this round's snapshot\n", vm.Path, strings.Join(res.Disks, ", "))
+			}
+			return err
+		},
 		OpenURL: func(ctx context.Context, loc string) (block.Device, error) {
 			img, err := reg.Open(ctx, loc, sources.Options{Format: "vmdk"})
 			if err != nil {
