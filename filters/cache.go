@@ -17,7 +17,7 @@ type CacheOptions struct {
 	// BlockSize is the aligned unit read from below (default 1 MiB). Reads
 	// of at least BlockSize bytes bypass the cache: they are already large.
 	BlockSize int64
-	// MaxBytes bounds the memory the cache holds (default 64 MiB; at least
+	// MaxBytes bounds the memory the cache holds (default 32 MiB; at least
 	// two blocks). A negative value is left to callers to mean "no cache".
 	MaxBytes int64
 	// Readahead is how many blocks are fetched ahead once reads are seen to
@@ -82,7 +82,7 @@ func NewCache(r io.ReaderAt, size int64, opts CacheOptions) *Cache {
 		opts.BlockSize = 1 << 20
 	}
 	if opts.MaxBytes <= 0 {
-		opts.MaxBytes = 64 << 20
+		opts.MaxBytes = 32 << 20
 	}
 	if opts.Readahead == 0 {
 		opts.Readahead = 2
