@@ -3,10 +3,12 @@ package testpeers
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
 	"testing"
 
@@ -66,6 +68,13 @@ func VMDKChains(t testing.TB, dir, oracleDir string) []Chain {
 	copySample(t, samples, "vmfs_thick.vmdk", dir)
 	copySample(t, samples, "vmfs_thick-flat.vmdk.gz", dir)
 	out = append(out, Chain{Name: "vmfs-thick", Top: "vmfs_thick.vmdk"})
+	// An ESXi snapshot of it: the real delta descriptor with a COWD
+	// (vmfsSparse) redo log written here.
+	copySample(t, samples, "vmfs_thick-000001.vmdk", dir)
+	writeCOWD(t, filepath.Join(dir, "vmfs_thick-000001-delta.vmdk"), 4096, "vmfs_thick.vmdk", map[uint32]byte{
+		100: 0xc1, 101: 0xc1, 102: 0xc2, 2000: 0xc3, 4095: 0xc4,
+	})
+	out = append(out, Chain{Name: "vmfs-cowd-snapshot", Top: "vmfs_thick-000001.vmdk"})
 	copySample(t, samples, "sesparse.vmdk", dir)
 	copySample(t, samples, "sesparse-extent.vmdk.gz", dir)
 	out = append(out, Chain{Name: "seSparse", Top: "sesparse.vmdk"})
@@ -73,6 +82,11 @@ func VMDKChains(t testing.TB, dir, oracleDir string) []Chain {
 	for i := range out {
 		out[i].Raw = filepath.Join(oracleDir, out[i].Name+".raw")
 		sh("qemu-img", "convert", "-O", "raw", out[i].Top, out[i].Raw)
+	}
+	// The COWD delta's grains show through (qemu read the redo log).
+	raw, err := os.ReadFile(filepath.Join(oracleDir, "vmfs-cowd-snapshot.raw"))
+	if err != nil || len(raw) != 4096*512 || raw[100*512] != 0xc1 || raw[2000*512+511] != 0xc3 || raw[4095*512] != 0xc4 {
+		t.Fatalf("COWD fixture: qemu-img does not read the generated redo log as written (%v)", err)
 	}
 	return out
 }
@@ -156,6 +170,56 @@ func SameAsRaw(t testing.TB, dev block.Device, rawPath string) {
 		return nil
 	})
 	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// writeCOWD writes an ESX redo log (COWD, vmfsSparse) of capacity sectors
+// with one-sector grains, as ESXi lays it out: a 4-sector header, the grain
+// directory at sector 4, a 4096-entry grain table per 2 MiB that has
+// grains, then the grains; grains maps a sector to the byte it is filled
+// with. Written from the format (qemu's VMDK3Header, VMDK-FORMATS.md).
+func writeCOWD(t testing.TB, p string, capacity uint32, parent string, grains map[uint32]byte) {
+	t.Helper()
+	const perGT = 4096
+	nGD := (capacity + perGT - 1) / perGT
+	next := 4 + (nGD*4+511)/512
+	gtAt := map[uint32]uint32{}
+	sectors := make([]uint32, 0, len(grains))
+	for s := range grains {
+		sectors = append(sectors, s)
+	}
+	sort.Slice(sectors, func(i, j int) bool { return sectors[i] < sectors[j] })
+	for _, s := range sectors {
+		if _, ok := gtAt[s/perGT]; !ok {
+			gtAt[s/perGT] = next
+			next += perGT * 4 / 512
+		}
+	}
+	grainAt := map[uint32]uint32{}
+	for _, s := range sectors {
+		grainAt[s] = next
+		next++
+	}
+	b := make([]byte, int64(next)*512)
+	le := binary.LittleEndian
+	copy(b, "COWD")
+	le.PutUint32(b[4:], 1)         // version
+	le.PutUint32(b[8:], 3)         // flags
+	le.PutUint32(b[12:], capacity) // sectors
+	le.PutUint32(b[16:], 1)        // grain size (sectors)
+	le.PutUint32(b[20:], 4)        // grain directory offset (sectors)
+	le.PutUint32(b[24:], nGD)
+	le.PutUint32(b[28:], next) // next free sector
+	copy(b[32:], parent)
+	for g, sec := range gtAt {
+		le.PutUint32(b[4*512+4*g:], sec)
+	}
+	for _, s := range sectors {
+		le.PutUint32(b[int64(gtAt[s/perGT])*512+4*int64(s%perGT):], grainAt[s])
+		copy(b[int64(grainAt[s])*512:], bytes.Repeat([]byte{grains[s]}, 512))
+	}
+	if err := os.WriteFile(p, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
 }
