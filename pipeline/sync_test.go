@@ -224,6 +224,38 @@ func TestSyncBlockHashes(t *testing.T) {
 	}
 }
 
+// --until-downtime: rounds repeat until the projection fits the budget, or
+// --max-rounds says stop.
+func TestSyncUntilDowntime(t *testing.T) {
+	ctx := context.Background()
+	h := cbttest.New(t, cbttest.Options{Size: 8 << 20, CBT: true, PoweredOn: true})
+	src := vsphereSource(t, h)
+	s, err := OpenSync(SyncConfig{Source: src, Target: t.TempDir(), Sinks: newSinks()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	var seen int
+	res, err := s.Run(ctx, LoopOptions{UntilDowntime: time.Minute, MaxRounds: 5, OnRound: func(cbt.Round, Projection) { seen++ }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Round 1 is full (no rate yet); round 2 measures and fits.
+	if !res.Converged || len(res.Rounds) != 2 || seen != 2 || !strings.Contains(res.Reason, "fits") {
+		t.Fatalf("%+v", res)
+	}
+	res, err = s.Run(ctx, LoopOptions{UntilDowntime: time.Nanosecond, MaxRounds: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Converged || len(res.Rounds) != 2 || !strings.Contains(res.Reason, "not converged") {
+		t.Fatalf("%+v", res)
+	}
+	if got := s.State.LastRound(); got != 4 {
+		t.Fatalf("%d rounds recorded", got)
+	}
+}
+
 // A leftover migration snapshot (a killed run) is found by name and removed.
 func TestLeftoverSnapshot(t *testing.T) {
 	ctx := context.Background()

@@ -61,9 +61,15 @@ func (v *VSphereSource) snapName() string {
 
 func (v *VSphereSource) vm() *object.VirtualMachine { return object.NewVirtualMachine(v.Client, v.VM) }
 
-// Describe implements WarmSource.
+// Describe implements WarmSource: the server (without the default port)
+// and the VM's inventory path.
 func (v *VSphereSource) Describe() string {
-	return "vsphere://" + v.Client.URL().Host + v.Name
+	u := v.Client.URL()
+	host := u.Host
+	if u.Port() == "443" {
+		host = u.Hostname()
+	}
+	return "vsphere://" + host + v.Name
 }
 
 // Leftovers implements WarmSource.
