@@ -15,9 +15,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmware/govmomi/object"
+
 	"github.com/vmdk2kvm/vmdk2kvm/cbt"
 	"github.com/vmdk2kvm/vmdk2kvm/cbt/cbttest"
 	"github.com/vmdk2kvm/vmdk2kvm/internal/testutil"
+	"github.com/vmdk2kvm/vmdk2kvm/pipeline"
 	"github.com/vmdk2kvm/vmdk2kvm/vmware/vmwaretest"
 )
 
@@ -241,4 +244,44 @@ func killSyncAt(t *testing.T, h *cbttest.Harness, common []string, point string,
 		}
 	}
 	return killed
+}
+
+// A migration snapshot left by a killed run: without --yes and without a
+// terminal, sync refuses with a clear message and changes nothing; with
+// --yes it removes it and runs the round.
+func TestLeftoverSnapshotCLI(t *testing.T) {
+	ctx := context.Background()
+	h := cbttest.New(t, cbttest.Options{Size: 8 << 20, CBT: true, PoweredOn: true})
+	vm := object.NewVirtualMachine(h.Env.Client.Client, h.VM)
+	task, err := vm.CreateSnapshot(ctx, pipeline.MigrationSnapshot, "", false, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := task.Wait(ctx); err != nil {
+		t.Fatal(err)
+	}
+	target := t.TempDir()
+	cctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	cmd := command(cctx, args("sync", uri(h), "--target", target, "--insecure")...)
+	cmd.Stdin = nil
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true} // no controlling terminal to prompt on
+	out, err := cmd.CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "leftover migration snapshot") || !strings.Contains(string(out), "--yes") {
+		t.Fatalf("without --yes: %v\n%s", err, out)
+	}
+	if snaps, _ := h.Snapshots(ctx); len(snaps) != 1 {
+		t.Fatalf("snapshots after the refusal: %v", snaps)
+	}
+	if _, err := os.Stat(filepath.Join(target, cbt.StateFile)); err == nil {
+		t.Fatal("state written although nothing was synced")
+	}
+	out2 := run(t, args("sync", uri(h), "--target", target, "--insecure", "--yes")...)
+	if !strings.Contains(out2, "removing leftover migration snapshot") {
+		t.Fatalf("with --yes:\n%s", out2)
+	}
+	if snaps, _ := h.Snapshots(ctx); len(snaps) != 0 {
+		t.Fatalf("snapshots after the round: %v", snaps)
+	}
+	testutil.Compare(t, "qcow2", replica(t, target), "raw", h.Flat)
 }
