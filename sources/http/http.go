@@ -169,7 +169,7 @@ func (t *Transport) Stats() Stats {
 func (t *Transport) Locate(ctx context.Context, location string) (sources.FS, string, error) {
 	u, err := url.Parse(location)
 	if err != nil {
-		return nil, "", fmt.Errorf("%s: %w", Redact(location), err)
+		return nil, "", fmt.Errorf("not a valid URL: %w", urlErr(err)) // the URL may hold a password
 	}
 	if u.Scheme != "http" && u.Scheme != "https" {
 		return nil, "", fmt.Errorf("%s: not an http(s) URL", Redact(location))
@@ -197,6 +197,15 @@ func (t *Transport) Locate(ctx context.Context, location string) (sources.FS, st
 	dir.Path = path.Dir(u.Path)
 	dir.RawPath = ""
 	return &FS{t: t, c: c, dir: &dir}, path.Base(u.Path), nil
+}
+
+// urlErr drops the URL (which may hold a password) from a url.Parse error.
+func urlErr(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
 }
 
 // Redact removes a password from a URL for messages.

@@ -533,3 +533,13 @@ func TestChainThroughFaults(t *testing.T) {
 		t.Fatalf("no faults hit: %+v", st)
 	}
 }
+
+func TestBadURLsKeepSecrets(t *testing.T) {
+	tr := httpsrc.New(httpsrc.Config{Log: quiet()})
+	for _, u := range []string{"https://u:s3cret@host/%zz", "https://u:s3cret@host/dir/", "https://u:s3cret@host/x.vmdk"} {
+		_, _, err := tr.Locate(context.Background(), u)
+		if err == nil || strings.Contains(err.Error(), "s3cret") {
+			t.Fatalf("%s: %v", u, err)
+		}
+	}
+}

@@ -149,13 +149,17 @@ func (tg target) key() string { return tg.user + "@" + tg.addr }
 func (t *Transport) Locate(_ context.Context, location string) (sources.FS, string, error) {
 	u, err := url.Parse(location)
 	if err != nil {
-		return nil, "", fmt.Errorf("%s: %w", location, err)
-	}
-	if u.Scheme != "ssh" || u.Host == "" {
-		return nil, "", fmt.Errorf("%s: want ssh://[user@]host[:port]/path", location)
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err // without the URL, which may hold a password
+		}
+		return nil, "", fmt.Errorf("not a valid URL: %w", err)
 	}
 	if _, ok := u.User.Password(); ok {
 		return nil, "", fmt.Errorf("%s: a password in the URL would show in the process list; give it with --password-file or VMDK2KVM_PASSWORD", u.Redacted())
+	}
+	if u.Scheme != "ssh" || u.Host == "" {
+		return nil, "", fmt.Errorf("%s: want ssh://[user@]host[:port]/path", u.Redacted())
 	}
 	tg := target{user: t.cfg.User, addr: u.Host}
 	if u.User != nil && u.User.Username() != "" {
@@ -171,7 +175,7 @@ func (t *Transport) Locate(_ context.Context, location string) (sources.FS, stri
 	}
 	p := u.Path
 	if p == "" || strings.HasSuffix(p, "/") {
-		return nil, "", fmt.Errorf("%s: names a folder, not a file", location)
+		return nil, "", fmt.Errorf("%s: names a folder, not a file", u.Redacted())
 	}
 	return &FS{t: t, tg: tg, dir: path.Dir(p)}, path.Base(p), nil
 }
