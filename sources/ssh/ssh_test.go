@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
@@ -138,12 +139,14 @@ func TestHostKeys(t *testing.T) {
 	if err := open(sshsrc.Config{KnownHosts: []string{changed}}); err == nil || !strings.Contains(err.Error(), "CHANGED") {
 		t.Fatalf("changed host key: %v", err)
 	}
-	// A wrong client key is refused by the server.
+	// A client key the server does not know is refused by the server.
 	_, wrongKey, _ := ed25519.GenerateKey(rand.Reader)
 	blk, _ := gossh.MarshalPrivateKey(wrongKey, "")
-	_ = blk
-	if err := open(sshsrc.Config{KnownHosts: []string{sshd.KnownHosts}, KeyFiles: nil}); err != nil {
-		t.Fatalf("default: %v", err)
+	wrong := filepath.Join(t.TempDir(), "id_wrong")
+	os.WriteFile(wrong, pem.EncodeToMemory(blk), 0o600)
+	tr := sshsrc.New(sshsrc.Config{KnownHosts: []string{sshd.KnownHosts}, KeyFiles: []string{wrong}, AgentSocket: "none", Log: quiet()})
+	if _, err := registry(tr).Open(context.Background(), url(sshd, p), sources.Options{}); err == nil || !strings.Contains(err.Error(), "unable to authenticate") {
+		t.Fatalf("unknown client key: %v", err)
 	}
 	// A password in the URL is refused.
 	if _, _, err := sshsrc.New(sshsrc.Config{}).Locate(context.Background(), "ssh://root:pw@127.0.0.1/x.vmdk"); err == nil || strings.Contains(err.Error(), "pw@") {
