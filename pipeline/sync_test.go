@@ -2,6 +2,7 @@ package pipeline
 
 import (
 	"context"
+	"errors"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -254,6 +255,63 @@ func TestSyncUntilDowntime(t *testing.T) {
 	if got := s.State.LastRound(); got != 4 {
 		t.Fatalf("%d rounds recorded", got)
 	}
+}
+
+// A cutover whose fix stage fails: the error says so, the replica is
+// untouched (the final round's content, no fix), and sync still runs.
+func TestCutoverFixFailureKeepsReplica(t *testing.T) {
+	ctx := context.Background()
+	h := cbttest.New(t, cbttest.Options{Size: 8 << 20, CBT: true, PoweredOn: true})
+	src := vsphereSource(t, h)
+	target := t.TempDir()
+	s, err := OpenSync(SyncConfig{Source: src, Target: target, Sinks: newSinks()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Round(ctx, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.WriteRandomRuns(3, 2, 64<<10, 128<<10); err != nil {
+		t.Fatal(err)
+	}
+	var fixed string
+	rep, err := Cutover(ctx, CutoverConfig{Syncer: s, Source: src, ShutdownTimeout: 10 * time.Second,
+		Fix: func(_ context.Context, overlay string) (string, error) {
+			fixed = overlay
+			// What a fixer does before failing: it writes into the overlay.
+			testutil.Run(t, "qemu-io", "-f", "qcow2", "-c", "write -P 0xee 0 64k", overlay)
+			return "", errors.New("inspection found no operating system")
+		}})
+	if err == nil || !strings.Contains(err.Error(), "replicas are untouched") {
+		t.Fatalf("cutover: %v", err)
+	}
+	last := rep.Steps[len(rep.Steps)-1]
+	if last.Name != "fix" || last.Status != "failed" {
+		t.Fatalf("steps %+v", rep.Steps)
+	}
+	replica := filepath.Join(target, s.State.Disks[0].Replica)
+	if filepath.Dir(fixed) != target || fixed == replica {
+		t.Fatalf("fix ran on %s", fixed)
+	}
+	// The final round ran; the fixer's write stayed in the overlay.
+	testutil.Compare(t, "qcow2", replica, "raw", h.Flat)
+	// Power the VM on again: sync continues from the final round.
+	task, err := object.NewVirtualMachine(src.Client, h.VM).PowerOn(ctx)
+	if err == nil {
+		err = task.Wait(ctx)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := h.WriteRandomRuns(4, 2, 64<<10, 128<<10); err != nil {
+		t.Fatal(err)
+	}
+	r, err := s.Round(ctx, "")
+	if err != nil || r.Kind != "incremental" {
+		t.Fatalf("sync after a failed cutover: %v %+v", err, r)
+	}
+	testutil.Compare(t, "qcow2", replica, "raw", h.Flat)
 }
 
 // A leftover migration snapshot (a killed run) is found by name and removed.
