@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/url"
 	"strings"
 
 	"github.com/vmdk2kvm/vmdk2kvm/block"
@@ -155,6 +156,19 @@ func Scheme(location string) string {
 	return "file"
 }
 
+// Redact hides a password in a URL-shaped location, for messages.
+func Redact(location string) string {
+	if Scheme(location) == "file" {
+		return location
+	}
+	u, err := url.Parse(location)
+	if err != nil {
+		// Unparseable: keep the scheme only, the rest may hold a secret.
+		return Scheme(location) + "://…"
+	}
+	return u.Redacted()
+}
+
 // ErrUnsupported is wrapped by errors about schemes or formats not built in.
 var ErrUnsupported = errors.New("unsupported")
 
@@ -166,7 +180,7 @@ func (r *Registry) Open(ctx context.Context, location string, opts Options) (*Im
 	}
 	t, ok := r.transports[scheme]
 	if !ok {
-		return nil, fmt.Errorf("%s: scheme %q: %w", location, scheme, ErrUnsupported)
+		return nil, fmt.Errorf("%s: scheme %q: %w", Redact(location), scheme, ErrUnsupported)
 	}
 	fsys, name, err := t.Locate(ctx, location)
 	if err != nil {
