@@ -36,6 +36,11 @@ type VSphereSource struct {
 	// device: the HTTP transport plus the VMDK format, reading the chain in
 	// place.
 	OpenURL func(ctx context.Context, location string) (block.Device, error)
+	// Resolve, when set, is the control plane's data-path resolution: the
+	// /folder URL of each disk (by device key) at a snapshot (MoRef), or an
+	// error for a disk that cannot be read over HTTPS (RDM, vSAN, ...).
+	// Without it the URLs are built from the snapshot's disk backings.
+	Resolve func(ctx context.Context, snapshot string) (map[int32]string, error)
 	// EnableCBT turns change tracking on when it is off (it takes effect at
 	// the stun of the round's snapshot), through EnableCBTFunc when set (the
 	// control plane's, which also sets the per-disk ctkEnabled flags).
@@ -204,6 +209,13 @@ func (f *vsphereFrozen) describe(ctx context.Context) error {
 	if err := f.v.vm().Properties(ctx, f.snap, []string{"config.hardware"}, &s); err != nil {
 		return fmt.Errorf("reading the snapshot's disks: %w", err)
 	}
+	var resolved map[int32]string
+	if f.v.Resolve != nil {
+		var err error
+		if resolved, err = f.v.Resolve(ctx, f.snap.Value); err != nil {
+			return fmt.Errorf("resolving the data path: %w", err)
+		}
+	}
 	for _, dev := range s.Config.Hardware.Device {
 		vd, ok := dev.(*types.VirtualDisk)
 		if !ok {
@@ -227,9 +239,14 @@ func (f *vsphereFrozen) describe(ctx context.Context) error {
 		if d := vd.DeviceInfo; d != nil && d.GetDescription().Label != "" {
 			label = d.GetDescription().Label
 		}
-		loc, err := f.v.folderURL(file)
-		if err != nil {
-			return fmt.Errorf("disk %d: %w", vd.Key, err)
+		loc, ok := resolved[vd.Key]
+		if f.v.Resolve == nil {
+			var err error
+			if loc, err = f.v.folderURL(file); err != nil {
+				return fmt.Errorf("disk %d: %w", vd.Key, err)
+			}
+		} else if !ok {
+			return fmt.Errorf("disk %d (%s): the control plane resolved no data path for it", vd.Key, file)
 		}
 		key := vd.Key
 		var prov cbt.Provider = &cbt.VSphere{Capacity: vd.CapacityInBytes, ChangeID: changeID,

@@ -180,6 +180,20 @@ func openWarm(c *cli.Context, enableCBT bool) (*warm, error) {
 	src := &pipeline.VSphereSource{
 		Client: client.Vim(), VM: vm.Ref, Name: vm.Path, DCPath: vm.DCPath, EnableCBT: enableCBT,
 		Hashes: c.String("provider") == "hash", Quiesce: c.Bool("quiesce"),
+		Resolve: func(ctx context.Context, snapshot string) (map[int32]string, error) {
+			paths, err := client.ResolveDisks(ctx, vm, snapshot)
+			if err != nil {
+				return nil, err
+			}
+			out := map[int32]string{}
+			for _, p := range paths {
+				if p.Method != "https" || p.URL == "" {
+					return nil, fmt.Errorf("disk %s (%s) cannot be read over HTTPS /folder (%s): %s", p.Label, p.Address, p.Method, strings.Join(p.Warnings, "; "))
+				}
+				out[p.Key] = p.URL
+			}
+			return out, nil
+		},
 		EnableCBTFunc: func(ctx context.Context) error {
 			res, err := client.EnableCBT(ctx, vm, false)
 			if err == nil {
