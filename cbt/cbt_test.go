@@ -3,11 +3,15 @@ package cbt
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io/fs"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/vmware/govmomi/vim25/soap"
+	"github.com/vmware/govmomi/vim25/types"
 
 	"github.com/vmdk2kvm/vmdk2kvm/block"
 )
@@ -97,6 +101,35 @@ func TestVSpherePaging(t *testing.T) {
 	off := &VSphere{Capacity: size}
 	if _, err := off.Changed(context.Background(), ""); err == nil {
 		t.Fatal("no change ID accepted")
+	}
+}
+
+// A server refusing the stored change ID with a FileFault (what vSphere says
+// after CBT was reset behind the same epoch) → full resync with a warning;
+// any other fault is an error.
+func TestVSphereRefusedChangeID(t *testing.T) {
+	fault := func(f types.BaseMethodFault) error {
+		return fmt.Errorf("wrapped: %w", soap.WrapSoapFault(&soap.Fault{Detail: struct {
+			Fault types.AnyType `xml:",any,typeattr"`
+		}{Fault: f}}))
+	}
+	for _, tc := range []struct {
+		f    types.BaseMethodFault
+		full bool
+	}{{&types.FileFault{}, true}, {&types.NotAuthenticated{}, false}} {
+		v := &VSphere{Capacity: 1 << 20, ChangeID: "aa/3", Query: func(_ context.Context, off int64, id string) (Page, error) {
+			if id != AllAllocated {
+				return Page{}, fault(tc.f)
+			}
+			return Page{Start: off, Length: 1<<20 - off, Areas: []block.Extent{ext(0, 4096)}}, nil
+		}}
+		r, err := v.Changed(context.Background(), "aa/2")
+		if tc.full && (err != nil || !r.Full || r.Warning == "") {
+			t.Fatalf("%T: %+v %v", tc.f, r, err)
+		}
+		if !tc.full && err == nil {
+			t.Fatalf("%T accepted as a refused change ID", tc.f)
+		}
 	}
 }
 

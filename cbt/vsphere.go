@@ -2,6 +2,7 @@ package cbt
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/vmware/govmomi/vim25/methods"
@@ -54,7 +55,7 @@ func (v *VSphere) Changed(ctx context.Context, since string) (Result, error) {
 		res.Warning = fmt.Sprintf("change tracking was reset (stored change ID %q, disk now at %q): full resync", since, v.ChangeID)
 	}
 	exts, err := v.all(ctx, query)
-	if err != nil && !res.Full && soap.IsSoapFault(err) {
+	if err != nil && !res.Full && refusedChangeID(err) {
 		// The server refuses the stored change ID (e.g. CBT was reset
 		// without a visible epoch change): start over from the baseline.
 		res.Full = true
@@ -90,6 +91,21 @@ func (v *VSphere) all(ctx context.Context, changeID string) ([]block.Extent, err
 		pos = next
 	}
 	return Normalize(out, v.Capacity), nil
+}
+
+// refusedChangeID reports whether err is the server refusing a change ID:
+// vSphere answers a FileFault (or InvalidArgument) for a change ID it can no
+// longer resolve. Other faults (authentication, network) are errors.
+func refusedChangeID(err error) bool {
+	var f interface{ Fault() types.BaseMethodFault }
+	if !errors.As(err, &f) {
+		return false
+	}
+	switch f.Fault().(type) {
+	case *types.FileFault, *types.InvalidArgument:
+		return true
+	}
+	return false
 }
 
 // SOAPQuery returns a PageQuery that calls QueryChangedDiskAreas on a VM for
