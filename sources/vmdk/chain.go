@@ -100,8 +100,10 @@ func Open(ctx context.Context, fsys sources.FS, name string, f sources.File, opt
 }
 
 // openParent opens the parent a child names: relative to the child's
-// folder, and for an absolute name that does not open (an ESXi path such as
-// /vmfs/volumes/...) its base name next to the child.
+// folder, and when that does not open (an absolute ESXi path such as
+// /vmfs/volumes/..., a Windows path, a folder moved since) the file of that
+// base name next to the child, as dissect.hypervisor does. qemu uses the
+// name as it is and fails.
 func openParent(ctx context.Context, fsys sources.FS, child *layer, hint string, seen map[string]bool) (*layer, error) {
 	cands := []string{join(child.path, hint)}
 	base := hint
