@@ -263,3 +263,17 @@ func TestRegistry(t *testing.T) {
 		img.Close()
 	}
 }
+
+// A streamOptimized delta (qemu writes its grains in order, compressed)
+// over a monolithicSparse base.
+func TestQemuStreamChild(t *testing.T) {
+	dir := t.TempDir()
+	convertTo(t, dir, "monolithicSparse")
+	child := filepath.Join(dir, "child.vmdk")
+	run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=streamOptimized", "-b", "disk.vmdk", "-F", "vmdk", child)
+	run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0x31 1M 128k", "-c", "write -P 0x32 5M 1M", "-c", "write -P 0x33 40M 64k", child)
+	c := checkOracle(t, child, Options{})
+	if got := block.Sum(mustLayerExtents(t, c, 0), block.Data); got != 128<<10+1<<20+64<<10 {
+		t.Fatalf("stream delta holds %d data bytes", got)
+	}
+}
