@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/vmdk2kvm/vmdk2kvm/block"
 )
 
 // seedFiles returns the decompressed samples (and generated COWD/seSparse
@@ -146,7 +148,7 @@ func FuzzOpen(f *testing.F) {
 			}
 			return
 		}
-		if err := checkCover(exts, 0, n); err != nil {
+		if err := block.Check(exts, 0, n); err != nil {
 			t.Fatal(err)
 		}
 		buf := make([]byte, min(n, 1<<20))

@@ -324,7 +324,3 @@ func (c *Chain) hasFlat() bool {
 	}
 	return false
 }
-
-func readFileT(p string) ([]byte, error) { return os.ReadFile(p) }
-
-func checkCover(exts []block.Extent, off, n int64) error { return block.Check(exts, off, n) }

@@ -2,6 +2,7 @@ package vmdk
 
 import (
 	"bytes"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -78,7 +79,7 @@ func TestSampleDetails(t *testing.T) {
 func readSample(t *testing.T, name string) []byte {
 	t.Helper()
 	dir := t.TempDir()
-	b, err := readFileT(sample(t, dir, name))
+	b, err := os.ReadFile(sample(t, dir, name))
 	if err != nil {
 		t.Fatal(err)
 	}
