@@ -12,6 +12,11 @@
 //     block status for base:allocation or any other metadata context (such as
 //     qemu:dirty-bitmap:NAME).
 //
+// The server serves each connection with a fixed set of worker goroutines
+// (ServerOptions.Workers) that take turns reading a request and then serve
+// it themselves, as nbdkit's threads do: replies go out in completion
+// order, with no hand-off between a reader and a handler.
+//
 // Memory is bounded on both sides: the server charges every request's
 // buffers to a per-connection and a per-server budget (ServerOptions), sends
 // reads in chunks of at most 1 MiB, caps payloads at 32 MiB and drops clients

@@ -399,8 +399,8 @@ func TestManyDroppingClients(t *testing.T) {
 	if err := <-goodDone; err != nil {
 		t.Fatalf("the good client failed while others misbehaved: %v", err)
 	}
-	// Every misbehaving connection is gone soon: goroutines return to the
-	// baseline (plus the good client's and its server side).
+	good.Close()
+	// Every connection is gone soon: goroutines return to the baseline.
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		runtime.GC()

@@ -51,6 +51,9 @@ type ServerOptions struct {
 	// WriteTimeout drops a client that accepts no reply bytes for this long
 	// (default 2 min).
 	WriteTimeout time.Duration
+	// Workers is how many requests of one connection are served at once
+	// (default 16); more wait in the socket.
+	Workers int
 	// PayloadTimeout drops a client whose WRITE payload does not arrive in
 	// this time after its header (default 1 min), so a stalled client
 	// cannot hold request memory forever.
@@ -95,6 +98,9 @@ func NewServer(opts ServerOptions, exports ...Export) (*Server, error) {
 	opts.Memory = max(opts.Memory, opts.ConnMemory)
 	if opts.HandshakeTimeout <= 0 {
 		opts.HandshakeTimeout = 30 * time.Second
+	}
+	if opts.Workers <= 0 {
+		opts.Workers = 16
 	}
 	if opts.PayloadTimeout <= 0 {
 		opts.PayloadTimeout = time.Minute
@@ -209,7 +215,6 @@ type serverConn struct {
 	baseCtx bool
 	wmu     sync.Mutex
 	dead    atomic.Bool
-	wg      sync.WaitGroup
 	ctx     context.Context
 	connMem *semaphore.Weighted
 }

@@ -46,58 +46,92 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) error {
 	c.baseCtx = c.metaBase && c.metaExport == exp.Name
 	c.ctx = ctx
 	c.connMem = semaphore.NewWeighted(c.s.opts.ConnMemory)
-	defer c.wg.Wait()
-	var hdr [requestHdr]byte
-	for {
-		if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			return fmt.Errorf("reading request: %w", err)
-		}
-		if m := binary.BigEndian.Uint32(hdr[0:]); m != magicRequest {
-			return fmt.Errorf("bad request magic 0x%x", m)
-		}
-		req := request{
-			flags:  binary.BigEndian.Uint16(hdr[4:]),
-			typ:    binary.BigEndian.Uint16(hdr[6:]),
-			handle: binary.BigEndian.Uint64(hdr[8:]),
-			off:    binary.BigEndian.Uint64(hdr[16:]),
-			length: binary.BigEndian.Uint32(hdr[24:]),
-		}
-		if req.typ == CmdDisc {
-			return nil // the deferred Wait answers what is in flight first
-		}
-		if req.typ == CmdWrite && req.length > MaxRequest {
-			// The payload cannot be skipped without reading it all.
-			return fmt.Errorf("WRITE of %d bytes exceeds the maximum block size %d", req.length, MaxRequest)
-		}
-		w := c.weight(req)
-		if err := c.acquire(ctx, w); err != nil {
-			return err
-		}
-		var payload *[]byte
-		if req.typ == CmdWrite {
-			payload = c.s.pools.get(int(req.length))
-			c.nc.SetReadDeadline(time.Now().Add(c.s.opts.PayloadTimeout))
-			_, err := io.ReadFull(c.r, (*payload)[:req.length])
-			c.nc.SetReadDeadline(time.Time{})
-			if err != nil {
-				c.s.pools.put(payload)
-				c.release(w)
-				return fmt.Errorf("reading WRITE payload: %w", err)
-			}
-		}
-		c.wg.Add(1)
+	// Workers take turns reading a request and then serve it themselves, as
+	// nbdkit's threads do: no hand-off between a reader and a handler, and
+	// at most Workers requests of a connection run at once.
+	var (
+		rmu     sync.Mutex
+		stopped bool
+		first   error
+		wg      sync.WaitGroup
+	)
+	for i := 0; i < c.s.opts.Workers; i++ {
+		wg.Add(1)
 		go func() {
-			defer c.wg.Done()
-			defer c.release(w)
-			c.handle(req, payload)
-			if payload != nil {
-				c.s.pools.put(payload)
+			defer wg.Done()
+			for {
+				rmu.Lock()
+				if stopped {
+					rmu.Unlock()
+					return
+				}
+				req, payload, w, err := c.next(ctx)
+				if err != nil || req.typ == CmdDisc {
+					stopped, first = true, err
+					rmu.Unlock()
+					return
+				}
+				rmu.Unlock()
+				c.handle(req, payload)
+				if payload != nil {
+					c.s.pools.put(payload)
+				}
+				c.release(w)
 			}
 		}()
 	}
+	wg.Wait()
+	if errors.Is(first, io.EOF) {
+		return nil
+	}
+	return first
+}
+
+// next reads one request (and a WRITE's payload) and charges its memory.
+// A DISC request comes back with no error; the connection then ends once
+// the requests in flight are answered.
+func (c *serverConn) next(ctx context.Context) (request, *[]byte, int64, error) {
+	var hdr [requestHdr]byte
+	if _, err := io.ReadFull(c.r, hdr[:]); err != nil {
+		if errors.Is(err, io.EOF) {
+			return request{}, nil, 0, io.EOF
+		}
+		return request{}, nil, 0, fmt.Errorf("reading request: %w", err)
+	}
+	if m := binary.BigEndian.Uint32(hdr[0:]); m != magicRequest {
+		return request{}, nil, 0, fmt.Errorf("bad request magic 0x%x", m)
+	}
+	req := request{
+		flags:  binary.BigEndian.Uint16(hdr[4:]),
+		typ:    binary.BigEndian.Uint16(hdr[6:]),
+		handle: binary.BigEndian.Uint64(hdr[8:]),
+		off:    binary.BigEndian.Uint64(hdr[16:]),
+		length: binary.BigEndian.Uint32(hdr[24:]),
+	}
+	if req.typ == CmdDisc {
+		return req, nil, 0, nil
+	}
+	if req.typ == CmdWrite && req.length > MaxRequest {
+		// The payload cannot be skipped without reading it all.
+		return req, nil, 0, fmt.Errorf("WRITE of %d bytes exceeds the maximum block size %d", req.length, MaxRequest)
+	}
+	w := c.weight(req)
+	if err := c.acquire(ctx, w); err != nil {
+		return req, nil, 0, err
+	}
+	if req.typ != CmdWrite {
+		return req, nil, w, nil
+	}
+	payload := c.s.pools.get(int(req.length))
+	c.nc.SetReadDeadline(time.Now().Add(c.s.opts.PayloadTimeout))
+	_, err := io.ReadFull(c.r, (*payload)[:req.length])
+	c.nc.SetReadDeadline(time.Time{})
+	if err != nil {
+		c.s.pools.put(payload)
+		c.release(w)
+		return req, nil, 0, fmt.Errorf("reading WRITE payload: %w", err)
+	}
+	return req, payload, w, nil
 }
 
 // weight is the memory a request may hold while it is served.
