@@ -68,7 +68,7 @@ type Committer interface{ Commit() error }
 type SyncConfig struct {
 	Source WarmSource
 	Target string // folder of replicas and state
-	Format string // replica format: "qcow2" (default) or "raw"
+	Format string // replica format: "qcow2" or "raw"; "" keeps the target's (qcow2 when new)
 	Sinks  *sinks.Registry
 	// Workers and ChunkSize tune the copy.
 	Workers   int
@@ -94,9 +94,6 @@ const LockFile = ".vmdk2kvm-sync.lock"
 
 // OpenSync loads (or starts) the state of a target folder.
 func OpenSync(cfg SyncConfig) (*Syncer, error) {
-	if cfg.Format == "" {
-		cfg.Format = "qcow2"
-	}
 	if cfg.Log == nil {
 		cfg.Log = slog.Default()
 	}
@@ -130,6 +127,13 @@ func OpenSync(cfg SyncConfig) (*Syncer, error) {
 	} else if st.Source != cfg.Source.Describe() {
 		lock.Close()
 		return nil, fmt.Errorf("%s holds a sync of %s, not %s: use another --target", cfg.Target, st.Source, cfg.Source.Describe())
+	}
+	if cfg.Format == "" {
+		// Keep the replicas' format; qcow2 for a new target.
+		cfg.Format = "qcow2"
+		if len(st.Disks) > 0 && st.Disks[0].Format != "" {
+			cfg.Format = st.Disks[0].Format
+		}
 	}
 	return &Syncer{cfg: cfg, State: st, path: p, lock: lock}, nil
 }

@@ -29,7 +29,7 @@ import (
 func warmFlags() []cli.Flag {
 	return append(remoteFlags(),
 		&cli.StringFlag{Name: "target", Aliases: []string{"t"}, Required: true, Usage: "folder of the replicas and the sync state"},
-		&cli.StringFlag{Name: "output-format", Aliases: []string{"O"}, Value: "qcow2", Usage: "replica format: qcow2 or raw"},
+		&cli.StringFlag{Name: "output-format", Aliases: []string{"O"}, Usage: "replica format: qcow2 or raw (default: the target's, qcow2 for a new one)"},
 		&cli.BoolFlag{Name: "yes", Aliases: []string{"y"}, Usage: "remove a leftover migration snapshot of a killed run without asking"},
 		&cli.BoolFlag{Name: "quiesce", Usage: "quiesce the guest file systems (VMware Tools) for each round's snapshot"},
 		&cli.StringFlag{Name: "provider", Value: "cbt", Usage: "what tells the changes: cbt (vSphere changed block tracking) or hash (no CBT: read the whole disk, write only blocks whose hash differs)"},
