@@ -109,8 +109,15 @@ type point struct {
 	Tip  string
 }
 
+type tick struct {
+	Y     float64
+	Label string
+}
+
 type view struct {
 	*Report
+	Ticks    []tick // bytes axis
+	SecTicks []tick // seconds axis
 	Bars     []bar
 	Line     string
 	Points   []point
@@ -141,6 +148,12 @@ func (r *Report) view() view {
 		}
 		return height * math.Log10(float64(b)+1) / 12 // up to ~1 TB
 	}
+	for _, e := range []struct {
+		n     int64
+		label string
+	}{{1 << 10, "1 KiB"}, {1 << 20, "1 MiB"}, {1 << 30, "1 GiB"}, {1 << 40, "1 TiB"}} {
+		v.Ticks = append(v.Ticks, tick{Y: 20 + height - logH(e.n), Label: e.label})
+	}
 	for i, x := range r.Rounds {
 		bw := slot * 0.35
 		x0 := left + float64(i)*slot + slot*0.12
@@ -149,6 +162,9 @@ func (r *Report) view() view {
 			Label: fmt.Sprintf("%d %s", x.N, x.Kind),
 			Tip1:  "changed " + HumanBytes(x.Totals.Changed), Tip2: "read " + HumanBytes(x.Totals.Read)})
 		v.MaxSec = max(v.MaxSec, x.Seconds)
+	}
+	for _, f := range []float64{0, 0.5, 1} {
+		v.SecTicks = append(v.SecTicks, tick{Y: 20 + height - height*f, Label: fmt.Sprintf("%.2f s", f*v.MaxSec)})
 	}
 	for i, x := range r.Rounds {
 		px := left + float64(i)*slot + slot/2
@@ -196,6 +212,7 @@ th{background:#eee}.changed{fill:#e8a33d}.read{fill:#3d7be8}.line{fill:none;stro
 <h2>Bytes per round (log scale)</h2>
 <svg width="720" height="260" role="img" aria-label="bytes changed and read per round">
 <line x1="60" y1="220" x2="690" y2="220" stroke="#888"/>
+{{range .Ticks}}<line x1="55" y1="{{.Y}}" x2="690" y2="{{.Y}}" stroke="#eee"/><text x="2" y="{{.Y}}" font-size="10">{{.Label}}</text>{{end}}
 {{range .Bars}}<rect class="changed" x="{{.X}}" y="{{.Y1}}" width="{{.W}}" height="{{.H1}}"><title>{{.Tip1}}</title></rect>
 <rect class="read" x="{{.X}}" y="{{.Y2}}" width="{{.W}}" height="{{.H2}}" transform="translate({{.W}},0)"><title>{{.Tip2}}</title></rect>
 <text x="{{.X}}" y="240" font-size="11">{{.Label}}</text>{{end}}
@@ -205,6 +222,7 @@ th{background:#eee}.changed{fill:#e8a33d}.read{fill:#3d7be8}.line{fill:none;stro
 <h2>Duration per round (max {{printf "%.2f" .MaxSec}} s)</h2>
 <svg width="720" height="260" role="img" aria-label="round durations">
 <line x1="60" y1="220" x2="690" y2="220" stroke="#888"/>
+{{range .SecTicks}}<line x1="55" y1="{{.Y}}" x2="690" y2="{{.Y}}" stroke="#eee"/><text x="2" y="{{.Y}}" font-size="10">{{.Label}}</text>{{end}}
 <polyline class="line" points="{{.Line}}"/>
 {{range .Points}}<circle class="dot" cx="{{.X}}" cy="{{.Y}}" r="4"><title>{{.Tip}}</title></circle>{{end}}
 </svg>
