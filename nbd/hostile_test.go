@@ -424,3 +424,66 @@ func TestManyDroppingClients(t *testing.T) {
 	}
 	t.Logf("live heap grew by at most %d MiB", peak>>20)
 }
+
+// TestRawFlags checks flags well-behaved clients rarely send: REQ_ONE gives
+// one descriptor, DF one data chunk with the hole's zeros inside it, CACHE
+// and FAST_ZERO answer as the spec says.
+func TestRawFlags(t *testing.T) {
+	mem := block.NewMemory(1<<20, 4096)
+	mem.WriteAt(bytes.Repeat([]byte{3}, 8192), 0) // data, then a hole
+	sock, _ := serve(t, nbd.ServerOptions{}, nbd.Export{Device: mem, Writable: true})
+	r := rawDial(t, sock)
+	r.opt(nbd.OptStructuredReply, nil)
+	r.optReply(nbd.OptStructuredReply)
+	r.opt(nbd.OptSetMetaContext, metaData("", nbd.ContextBaseAllocation))
+	if typ, data := r.optReply(nbd.OptSetMetaContext); typ != nbd.RepMetaContext || string(data[4:]) != nbd.ContextBaseAllocation {
+		t.Fatalf("SET_META_CONTEXT: %x %q", typ, data)
+	}
+	if typ, _ := r.optReply(nbd.OptSetMetaContext); typ != nbd.RepAck {
+		t.Fatalf("SET_META_CONTEXT end: %x", typ)
+	}
+	r.enter("", false)
+	descs := func(flags uint16) int {
+		r.request(flags, nbd.CmdBlockStatus, 1, 0, 1<<20, nil)
+		_, code, typ, _, p := r.reply()
+		if code != 0 || typ != nbd.ReplyTypeBlockStatus {
+			t.Fatalf("BLOCK_STATUS: code %d type %d", code, typ)
+		}
+		return (len(p) - 4) / 8
+	}
+	if n := descs(0); n != 2 {
+		t.Fatalf("BLOCK_STATUS: %d descriptors, want 2 (data, hole)", n)
+	}
+	if n := descs(nbd.CmdFlagReqOne); n != 1 {
+		t.Fatalf("BLOCK_STATUS with REQ_ONE: %d descriptors", n)
+	}
+	r.request(nbd.CmdFlagDF, nbd.CmdRead, 2, 4096, 8192, nil)
+	_, code, typ, _, p := r.reply()
+	if code != 0 || typ != nbd.ReplyTypeOffsetData || len(p) != 8+8192 ||
+		!bytes.Equal(p[8:8+4096], bytes.Repeat([]byte{3}, 4096)) || !bytes.Equal(p[8+4096:], make([]byte, 4096)) {
+		t.Fatalf("DF read: code %d type %d len %d", code, typ, len(p))
+	}
+	r.request(0, nbd.CmdRead, 3, 4096, 8192, nil) // without DF: data chunk, then a hole chunk
+	if _, _, typ, _, _ := r.reply(); typ != nbd.ReplyTypeOffsetData {
+		t.Fatalf("first chunk type %d", typ)
+	}
+	if _, _, typ, _, p := r.reply(); typ != nbd.ReplyTypeOffsetHole || binary.BigEndian.Uint32(p[8:]) != 4096 {
+		t.Fatalf("second chunk type %d", typ)
+	}
+	r.request(0, nbd.CmdCache, 4, 0, 1<<20, nil)
+	if _, code, _, _, _ := r.reply(); code != 0 {
+		t.Fatalf("CACHE: %d", code)
+	}
+	r.request(nbd.CmdFlagFastZero|nbd.CmdFlagNoHole, nbd.CmdWriteZeroes, 5, 0, 4096, nil)
+	if _, code, _, _, _ := r.reply(); code != nbd.ENOTSUP {
+		t.Fatalf("FAST_ZERO|NO_HOLE: %d, want ENOTSUP", code)
+	}
+	r.request(nbd.CmdFlagFastZero, nbd.CmdWriteZeroes, 6, 0, 4096, nil)
+	if _, code, _, _, _ := r.reply(); code != 0 {
+		t.Fatalf("FAST_ZERO: %d", code)
+	}
+	r.request(0, nbd.CmdDisc, 7, 0, 0, nil)
+	if !r.closedByPeer() {
+		t.Fatal("server kept the connection after DISC")
+	}
+}
