@@ -218,7 +218,7 @@ func TestClientDirtyBitmap(t *testing.T) {
 	sameStatus(t, "dirty bitmap vs nbdinfo", got, want)
 	var dirty []nbd.Status
 	for _, s := range got {
-		if s.Flags&1 != 0 {
+		if s.Flags&nbd.StateDirty != 0 {
 			dirty = append(dirty, s)
 		}
 	}

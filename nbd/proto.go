@@ -126,6 +126,10 @@ const (
 	StateZero = 1 << 1
 )
 
+// StateDirty is the one flag of qemu's "qemu:dirty-bitmap:NAME" contexts:
+// the range was written since the bitmap was created or last cleared.
+const StateDirty = 1 << 0
+
 // ContextBaseAllocation is the metadata context every server may offer.
 const ContextBaseAllocation = "base:allocation"
 
