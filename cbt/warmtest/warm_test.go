@@ -292,3 +292,14 @@ func TestLeftoverSnapshotCLI(t *testing.T) {
 	}
 	testutil.Compare(t, "qcow2", replica(t, target), "raw", h.Flat)
 }
+
+// A password in the URI (it would show in the process list) is refused
+// before anything is contacted.
+func TestPasswordNotInArgv(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	out, err := command(ctx, "sync", "--target", t.TempDir(), "vsphere://root:s3cret@127.0.0.1:1/DC0/vm/x").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "password") || strings.Contains(string(out), "s3cret") {
+		t.Fatalf("%v\n%s", err, out)
+	}
+}
