@@ -62,7 +62,7 @@ func startServe(t *testing.T, args ...string) (string, *exec.Cmd) {
 	return "", nil
 }
 
-func hashFile(t *testing.T, path string) string {
+func serveHashFile(t *testing.T, path string) string {
 	t.Helper()
 	f, err := os.Open(path)
 	if err != nil {
@@ -74,7 +74,7 @@ func hashFile(t *testing.T, path string) string {
 	return fmt.Sprintf("%x", h.Sum(nil))
 }
 
-func runTool(t *testing.T, name string, args ...string) string {
+func serveRunTool(t *testing.T, name string, args ...string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -95,7 +95,7 @@ func TestServeCLI(t *testing.T) {
 		t.Fatal(err)
 	}
 	vmdkPath := filepath.Join(dir, "disk.vmdk")
-	runTool(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", rawPath, vmdkPath)
+	serveRunTool(t, "qemu-img", "convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=monolithicSparse", rawPath, vmdkPath)
 	sock, pidfile := filepath.Join(dir, "s.sock"), filepath.Join(dir, "serve.pid")
 	uri, cmd := startServe(t, "--socket", sock, "--pidfile", pidfile, "--export", "disk", vmdkPath)
 	if want := "nbd+unix:///disk?socket=" + strings.ReplaceAll(sock, "/", "%2F"); uri != want {
@@ -108,10 +108,10 @@ func TestServeCLI(t *testing.T) {
 	if _, stderr, code := runCLI(t, "convert", "-O", "raw", uri, out); code != 0 {
 		t.Fatalf("convert %s: %s", uri, stderr)
 	}
-	if hashFile(t, out) != hashFile(t, rawPath) {
+	if serveHashFile(t, out) != serveHashFile(t, rawPath) {
 		t.Fatal("convert from our NBD export differs from the disk")
 	}
-	if o := runTool(t, "qemu-img", "compare", "-f", "raw", rawPath, uri); !strings.Contains(o, "identical") {
+	if o := serveRunTool(t, "qemu-img", "compare", "-f", "raw", rawPath, uri); !strings.Contains(o, "identical") {
 		t.Fatalf("qemu-img compare: %s", o)
 	}
 	stdout, stderr, code := runCLI(t, "info", "--json", uri)
@@ -119,7 +119,7 @@ func TestServeCLI(t *testing.T) {
 		t.Fatalf("info %s: %s %s", uri, stdout, stderr)
 	}
 	cmd.Process.Signal(syscall.SIGTERM)
-	waitGone(t, pidfile, sock)
+	serveWaitGone(t, pidfile, sock)
 }
 
 // TestServeWritableTCP: --writable over TCP on 127.0.0.1; qemu-io writes land
@@ -130,16 +130,16 @@ func TestServeWritableTCP(t *testing.T) {
 	if _, err := diskgen.Write(context.Background(), rawPath, 8<<20, 4); err != nil {
 		t.Fatal(err)
 	}
-	before := hashFile(t, rawPath)
+	before := serveHashFile(t, rawPath)
 	uri, _ := startServe(t, "--writable", "--listen", "0", rawPath)
 	if !strings.HasPrefix(uri, "nbd://127.0.0.1:") {
 		t.Fatalf("serve --listen 0 printed %q", uri)
 	}
-	runTool(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 4096 1M", uri)
-	if o := runTool(t, "qemu-io", "-f", "raw", "-c", "read -P 0x5a 4096 1M", uri); strings.Contains(o, "verification failed") {
+	serveRunTool(t, "qemu-io", "-f", "raw", "-c", "write -P 0x5a 4096 1M", uri)
+	if o := serveRunTool(t, "qemu-io", "-f", "raw", "-c", "read -P 0x5a 4096 1M", uri); strings.Contains(o, "verification failed") {
 		t.Fatalf("write did not read back: %s", o)
 	}
-	if hashFile(t, rawPath) != before {
+	if serveHashFile(t, rawPath) != before {
 		t.Fatal("serve --writable wrote into the source")
 	}
 	if _, stderr, code := runCLI(t, "serve", "--tls=require", rawPath); code == 0 || !strings.Contains(stderr, "--tls-cert") {
@@ -173,10 +173,10 @@ func TestServeExitWithParent(t *testing.T) {
 	if err := sh.Wait(); err != nil {
 		t.Fatal(err)
 	}
-	waitGone(t, pidfile, sock)
+	serveWaitGone(t, pidfile, sock)
 }
 
-func waitGone(t *testing.T, paths ...string) {
+func serveWaitGone(t *testing.T, paths ...string) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for _, p := range paths {
