@@ -180,8 +180,12 @@ func (g *Guest) perform(ctx context.Context, c Change) error {
 	case "remove":
 		return g.Remove(ctx, c.Path, c.Recursive)
 	case "symlink":
-		if err := g.Mkdir(ctx, path.Dir(c.Path), 0o755, true); err != nil {
+		if ok, err := g.Exists(ctx, path.Dir(c.Path)); err != nil {
 			return err
+		} else if !ok {
+			if err := g.Mkdir(ctx, path.Dir(c.Path), 0o755, true); err != nil {
+				return err
+			}
 		}
 		return g.Symlink(ctx, c.LinkTarget, c.Path)
 	default:

@@ -93,7 +93,7 @@ func (Fixer) Plan(ctx context.Context, g *plugins.Guest) ([]plugins.Change, erro
 		return nil, nil
 	}
 	p := &plan{g: g, r: newResolver(in)}
-	steps := []func(context.Context) error{p.tabs, p.bootloaders, p.network, p.vmwareTools, p.cloudInit}
+	steps := []func(context.Context) error{p.tabs, p.resumeConf, p.bootloaders, p.network, p.vmwareTools, p.cloudInit}
 	for _, s := range steps {
 		if err := s(ctx); err != nil {
 			return nil, err
@@ -131,6 +131,32 @@ func (p *plan) tabs(ctx context.Context) error {
 		}
 		p.add(plugins.EditFile(sentence("Use stable device names in "+t.file, did), t.file, old, []byte(nt), 0)...)
 	}
+	return nil
+}
+
+// resumeConf fixes initramfs-tools' RESUME= (hibernation swap device).
+func (p *plan) resumeConf(ctx context.Context) error {
+	const f = "/etc/initramfs-tools/conf.d/resume"
+	old, err := p.read(ctx, f)
+	if err != nil || old == nil {
+		return err
+	}
+	lines := strings.SplitAfter(string(old), "\n")
+	var did []string
+	for i, l := range lines {
+		k, v, ok := strings.Cut(strings.TrimSpace(l), "=")
+		if !ok || k != "RESUME" || !unstable(strings.Trim(v, `"`)) {
+			continue
+		}
+		st, err := p.r.stable(strings.Trim(v, `"`), "")
+		if err != nil {
+			p.g.Warn("%s: %v", f, err)
+			continue
+		}
+		lines[i] = "RESUME=" + st + "\n"
+		did = append(did, v+" → "+st)
+	}
+	p.add(plugins.EditFile(sentence("Use a stable resume device in "+f, did), f, old, []byte(strings.Join(lines, "")), 0)...)
 	return nil
 }
 
@@ -174,18 +200,24 @@ func (p *plan) bootloaders(ctx context.Context) error {
 	if _, err := edit("/etc/kernel/cmdline", func(string) bool { return true }, "Fix the kernel command line in", ""); err != nil {
 		return err
 	}
-	// GRUB 2: /etc/default/grub, then grub.cfg regenerated (grubRegen) or edited.
-	if old, err := p.read(ctx, "/etc/default/grub"); err != nil {
-		return err
-	} else if old != nil {
+	// GRUB 2: /etc/default/grub (and grub.d snippets), then grub.cfg
+	// regenerated (grubRegen) or edited in place.
+	for i, f := range p.grubDefaults(ctx) {
+		old, err := p.read(ctx, f)
+		if err != nil {
+			return err
+		}
+		if old == nil {
+			continue
+		}
 		nt, did, warn := fixCmdline(string(old), grubDefaultLine, p.r, "")
 		for _, w := range warn {
-			p.g.Warn("/etc/default/grub: %s", w)
+			p.g.Warn("%s: %s", f, w)
 		}
-		if console != "" {
+		if console != "" && i == 0 {
 			nt, did = grubConsole(nt, console, did)
 		}
-		p.add(plugins.EditFile(sentence("Fix the kernel command line in /etc/default/grub", did), "/etc/default/grub", old, []byte(nt), 0)...)
+		p.add(plugins.EditFile(sentence("Fix the kernel command line in "+f, did), f, old, []byte(nt), 0)...)
 	}
 	if p.grubMkconfig(ctx) == "" {
 		for _, f := range p.grubCfgs(ctx) {
@@ -195,6 +227,10 @@ func (p *plan) bootloaders(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+func (p *plan) grubDefaults(ctx context.Context) []string {
+	return append([]string{"/etc/default/grub"}, p.listGlob(ctx, "/etc/default/grub.d", ".cfg")...)
 }
 
 var reGrubLinux = regexp.MustCompile(`^(\s*GRUB_CMDLINE_LINUX=)(.*)$`)
@@ -246,7 +282,8 @@ func (p *plan) grubRegen(ctx context.Context) error {
 	if tool == "" {
 		return nil
 	}
-	changedDefault := slices.ContainsFunc(p.changes, func(c plugins.Change) bool { return c.Path == "/etc/default/grub" })
+	defaults := p.grubDefaults(ctx)
+	changedDefault := slices.ContainsFunc(p.changes, func(c plugins.Change) bool { return slices.Contains(defaults, c.Path) })
 	for _, cfg := range p.grubCfgs(ctx) {
 		old, err := p.read(ctx, cfg)
 		if err != nil {
