@@ -20,8 +20,12 @@ import (
 	"github.com/vmdk2kvm/vmdk2kvm/vmware/vmwaretest"
 )
 
-// DiskKey is the device key of the harness VM's disk.
-const DiskKey = 2000
+// DiskKey is the device key of the harness VM's disk; SecondDiskKey that of
+// the optional second disk.
+const (
+	DiskKey       = 2000
+	SecondDiskKey = 2001
+)
 
 // Harness is a simulated vCenter with one VM whose single disk is a real
 // generated test disk, with change tracking and a byte-counting proxy.
@@ -33,6 +37,8 @@ type Harness struct {
 	Proxy *CountingProxy
 	Desc  string // local path of the disk descriptor
 	Flat  string // local path of the -flat.vmdk
+	// Flat2 is the second disk's -flat.vmdk (Options.SecondDisk).
+	Flat2 string
 }
 
 // Options shape the harness VM.
@@ -47,6 +53,9 @@ type Options struct {
 	PageAreas int   // default 3
 	PageBytes int64 // default Size/8
 	PoweredOn bool
+	// SecondDisk, when positive, adds a second generated disk of that size
+	// (key SecondDiskKey, scsi0:1).
+	SecondDisk int64
 }
 
 // New starts vmwaretest's simulator and adds the harness VM to it.
@@ -97,6 +106,18 @@ func Add(ctx context.Context, env *vmwaretest.Env, o Options) (*Harness, error) 
 		return nil, err
 	}
 
+	var desc2 string
+	rel2 := o.Name + "/" + o.Name + "_1.vmdk"
+	if o.SecondDisk > 0 {
+		desc2, h.Flat2 = flatOf(env.Dir, "[vmstore] "+rel2)
+		if _, err := diskgen.Write(ctx, h.Flat2, o.SecondDisk, o.Seed+1); err != nil {
+			return nil, err
+		}
+		if err := writeDescriptor(desc2, filepath.Base(h.Flat2), o.SecondDisk); err != nil {
+			return nil, err
+		}
+	}
+
 	c := env.Client.Client
 	finder := find.NewFinder(c, false)
 	dc, err := finder.Datacenter(ctx, vmwaretest.Datacenter)
@@ -137,6 +158,17 @@ func Add(ctx context.Context, env *vmwaretest.Env, o Options) (*Harness, error) 
 			}},
 		},
 	}
+	if o.SecondDisk > 0 {
+		unit1 := int32(1)
+		spec.DeviceChange = append(spec.DeviceChange, &types.VirtualDeviceConfigSpec{Operation: types.VirtualDeviceConfigSpecOperationAdd, Device: &types.VirtualDisk{
+			VirtualDevice: types.VirtualDevice{Key: SecondDiskKey, ControllerKey: 1000, UnitNumber: &unit1,
+				Backing: &types.VirtualDiskFlatVer2BackingInfo{
+					VirtualDeviceFileBackingInfo: types.VirtualDeviceFileBackingInfo{FileName: "[vmstore] " + rel2},
+					DiskMode:                     string(types.VirtualDiskModePersistent), ThinProvisioned: &thin,
+				}},
+			CapacityInBytes: o.SecondDisk, CapacityInKB: o.SecondDisk / 1024,
+		}})
+	}
 	task, err := folders.VmFolder.CreateVM(ctx, spec, pool, host)
 	if err != nil {
 		return nil, err
@@ -161,6 +193,9 @@ func Add(ctx context.Context, env *vmwaretest.Env, o Options) (*Harness, error) 
 	h.CBT = &CBTVM{VirtualMachine: env.SimVM(h.VM), disks: map[int32]*tracked{
 		DiskKey: {key: DiskKey, flat: h.Flat, desc: h.Desc, capacity: o.Size},
 	}, PageAreas: o.PageAreas, PageBytes: o.PageBytes}
+	if o.SecondDisk > 0 {
+		h.CBT.disks[SecondDiskKey] = &tracked{key: SecondDiskKey, flat: h.Flat2, desc: desc2, capacity: o.SecondDisk}
+	}
 	env.Wrap(h.VM, h.CBT)
 	h.Proxy, err = NewCountingProxy(env.URL)
 	if err != nil {
@@ -178,8 +213,17 @@ func (h *Harness) Close() {
 
 // Write writes p at off into the disk, as the running guest would, and logs
 // the change for QueryChangedDiskAreas.
-func (h *Harness) Write(off int64, p []byte) error {
-	f, err := os.OpenFile(h.Flat, os.O_WRONLY, 0)
+func (h *Harness) Write(off int64, p []byte) error { return h.WriteDisk(DiskKey, off, p) }
+
+// WriteDisk is Write on the disk with the given key.
+func (h *Harness) WriteDisk(key int32, off int64, p []byte) error {
+	h.CBT.mu.Lock()
+	d := h.CBT.disk(key)
+	h.CBT.mu.Unlock()
+	if d == nil {
+		return fmt.Errorf("no disk with key %d", key)
+	}
+	f, err := os.OpenFile(d.flat, os.O_WRONLY, 0)
 	if err != nil {
 		return err
 	}
@@ -187,7 +231,7 @@ func (h *Harness) Write(off int64, p []byte) error {
 	if _, err := f.WriteAt(p, off); err != nil {
 		return err
 	}
-	h.logChange(block.Extent{Off: off, Len: int64(len(p)), Type: block.Data})
+	h.logChange(key, block.Extent{Off: off, Len: int64(len(p)), Type: block.Data})
 	return f.Close()
 }
 
@@ -202,14 +246,14 @@ func (h *Harness) Discard(off, length int64) error {
 	if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, length); err != nil {
 		return fmt.Errorf("punch hole: %w", err)
 	}
-	h.logChange(block.Extent{Off: off, Len: length, Type: block.Data})
+	h.logChange(DiskKey, block.Extent{Off: off, Len: length, Type: block.Data})
 	return nil
 }
 
-func (h *Harness) logChange(e block.Extent) {
+func (h *Harness) logChange(key int32, e block.Extent) {
 	h.CBT.mu.Lock()
 	defer h.CBT.mu.Unlock()
-	d := h.CBT.disk(DiskKey)
+	d := h.CBT.disk(key)
 	d.log = append(d.log, change{gen: d.gen, ext: e})
 }
 

@@ -303,3 +303,57 @@ func TestPasswordNotInArgv(t *testing.T) {
 		t.Fatalf("%v\n%s", err, out)
 	}
 }
+
+// Two disks: one replica and one overlay each, both equal to their disk
+// after every round, both in the domain.
+func TestTwoDisksCLI(t *testing.T) {
+	h := cbttest.New(t, cbttest.Options{Size: 16 << 20, SecondDisk: 8 << 20, Seed: 11, CBT: true, PoweredOn: true})
+	target := t.TempDir()
+	common := []string{"--target", target, "--insecure"}
+	flats := map[string]string{"2000": h.Flat, "2001": h.Flat2}
+	compareAll := func(overlays bool) {
+		t.Helper()
+		st, err := cbt.LoadState(filepath.Join(target, cbt.StateFile))
+		if err != nil || len(st.Disks) != 2 || st.Disks[0].Replica == st.Disks[1].Replica {
+			t.Fatalf("state: %v %+v", err, st)
+		}
+		for i, d := range st.Disks {
+			testutil.Compare(t, "qcow2", filepath.Join(target, d.Replica), "raw", flats[d.Key])
+			if overlays {
+				testutil.Compare(t, "qcow2", filepath.Join(target, st.Cutover.Overlays[i]), "raw", flats[d.Key])
+			}
+		}
+	}
+	run(t, args("sync", uri(h), common...)...)
+	compareAll(false)
+	p := make([]byte, 192<<10)
+	for i := range p {
+		p[i] = byte(i * 13)
+	}
+	if err := h.WriteDisk(cbttest.SecondDiskKey, 5<<20, p); err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Write(1<<20, p[:64<<10]); err != nil {
+		t.Fatal(err)
+	}
+	run(t, args("sync", uri(h), common...)...)
+	compareAll(false)
+	if err := h.WriteDisk(cbttest.SecondDiskKey, 7<<20, p[:4096]); err != nil {
+		t.Fatal(err)
+	}
+	run(t, args("cutover", uri(h), append(common, "--no-fix")...)...)
+	compareAll(true)
+	st, _ := cbt.LoadState(filepath.Join(target, cbt.StateFile))
+	xml, err := os.ReadFile(filepath.Join(target, st.Cutover.DomainXML))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, ov := range st.Cutover.Overlays {
+		if !strings.Contains(string(xml), filepath.Join(target, ov)) {
+			t.Fatalf("domain misses %s:\n%s", ov, xml)
+		}
+	}
+	if got := st.Rounds[1].Totals.Changed; got != 192<<10+64<<10 {
+		t.Fatalf("round 2 changed %d bytes over both disks, want %d", got, 192<<10+64<<10)
+	}
+}
