@@ -5,13 +5,11 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/atomicfile"
 	"io"
 	"math/bits"
-	"os"
-	"path/filepath"
 	"sort"
 	"sync"
-	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
@@ -39,8 +37,7 @@ func (SinkFormat) Create(_ context.Context, path string, size int64, opts sinks.
 // Writer is a fresh qcow2 image being written (a sinks.Output). See the
 // package comment for its layout.
 type Writer struct {
-	f        *os.File
-	final    string
+	f        *atomicfile.File
 	size     int64
 	cs       int64
 	cb       uint32
@@ -57,9 +54,7 @@ type Writer struct {
 	seq     int64
 	maxPend int64     // bytes of partial clusters held before evicting
 	scratch sync.Pool // *[]byte compression buffers
-	// unsynced counts bytes written since writeback was last started.
-	unsynced atomic.Int64
-	done     bool
+	done    bool
 }
 
 // partial is a compressed-mode cluster written in pieces.
@@ -114,24 +109,12 @@ func Create(path string, size int64, opts sinks.Options) (*Writer, error) {
 	if l1n*8 > maxL1Bytes {
 		return nil, fmt.Errorf("%s: virtual size %d needs an L1 table over 32 MiB with %d-byte clusters; use larger clusters", path, size, cs)
 	}
-	if st, err := os.Stat(path); err == nil && st.IsDir() {
-		return nil, fmt.Errorf("%s: is a directory", path)
-	}
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	f, err := os.CreateTemp(dir, "."+base+".part-*")
+	f, err := atomicfile.Create(path)
 	if err != nil {
-		return nil, fmt.Errorf("creating output next to %s: %w", path, err)
-	}
-	if err := f.Chmod(0o644); err != nil {
-		f.Close()
-		os.Remove(f.Name())
 		return nil, err
 	}
 	w := &Writer{
-		f: f, final: path, size: size, cs: cs, cb: cb, compress: compress,
+		f: f, size: size, cs: cs, cb: cb, compress: compress,
 		codec: newCodec(typ, opts.CompressLevel), prealloc: prealloc,
 		l2: make([][]uint64, l1n), next: cs, pending: map[int64]*partial{},
 		maxPend: max(maxPendingBytes, 8*cs),
@@ -219,24 +202,8 @@ func (w *Writer) WriteAt(p []byte, off int64) (int, error) {
 			return int(r.pos), fmt.Errorf("%s: %w", w.f.Name(), err)
 		}
 	}
-	w.wrote(int64(len(p)))
+	w.f.Wrote(int64(len(p)))
 	return len(p), nil
-}
-
-// writebackEvery is how many bytes may be written before writeback of the
-// file is started, so that the fsync of Commit finds little left to do.
-const writebackEvery = 64 << 20
-
-// wrote counts written bytes and starts writeback (without waiting for it)
-// every writebackEvery bytes.
-func (w *Writer) wrote(n int64) {
-	if w.unsynced.Add(n) < writebackEvery {
-		return
-	}
-	if v := w.unsynced.Load(); v >= writebackEvery && w.unsynced.CompareAndSwap(v, 0) {
-		// Best effort: Commit's fsync reports any error.
-		_ = unix.SyncFileRange(int(w.f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
-	}
 }
 
 func (w *Writer) writeCompressed(p []byte, off int64) (int, error) {
@@ -398,7 +365,7 @@ func (w *Writer) store(vc int64, data, scratch []byte, held bool) ([]byte, error
 	if err != nil {
 		return comp, fmt.Errorf("%s: %w", w.f.Name(), err)
 	}
-	w.wrote(int64(len(comp)))
+	w.f.Wrote(int64(len(comp)))
 	if &comp[0] == &data[0] {
 		return scratch, nil
 	}
@@ -467,15 +434,8 @@ func (w *Writer) Flush() error { return w.f.Sync() }
 func (w *Writer) Abort() error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	if w.done {
-		return nil
-	}
 	w.done = true
-	w.f.Close()
-	if err := os.Remove(w.f.Name()); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	return nil
+	return w.f.Abort()
 }
 
 // Commit implements sinks.Output: store pending partial clusters, append L2
@@ -494,15 +454,7 @@ func (w *Writer) Commit(ctx context.Context) error {
 		return err
 	}
 	w.done = true
-	if err := w.f.Close(); err != nil {
-		os.Remove(w.f.Name())
-		return err
-	}
-	if err := os.Rename(w.f.Name(), w.final); err != nil {
-		os.Remove(w.f.Name())
-		return fmt.Errorf("renaming %s to %s: %w", w.f.Name(), w.final, err)
-	}
-	return syncDir(filepath.Dir(w.final))
+	return w.f.Commit()
 }
 
 func (w *Writer) finish() error {
@@ -651,16 +603,4 @@ func isZero64(t []uint64) bool {
 		}
 	}
 	return true
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("%s: sync folder: %w", dir, err)
-	}
-	return nil
 }

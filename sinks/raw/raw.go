@@ -8,10 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/vmdk2kvm/vmdk2kvm/internal/atomicfile"
 	"github.com/vmdk2kvm/vmdk2kvm/sinks"
 )
 
@@ -28,11 +28,10 @@ func (Format) Create(_ context.Context, path string, size int64, _ sinks.Options
 
 // Output is a raw image being written.
 type Output struct {
-	f     *os.File
-	final string // "" for a block device written in place
-	size  int64
-	blk   bool
-	done  bool
+	af   *atomicfile.File // nil for a block device written in place
+	f    *os.File
+	size int64
+	done bool
 }
 
 // Create starts a raw output at path of the given size. A regular file is
@@ -55,30 +54,17 @@ func Create(path string, size int64) (*Output, error) {
 			f.Close()
 			return nil, err
 		}
-		return &Output{f: f, size: size, blk: true}, nil
+		return &Output{f: f, size: size}, nil
 	}
-	dir, base := filepath.Split(path)
-	if dir == "" {
-		dir = "."
-	}
-	if st, err := os.Stat(path); err == nil && st.IsDir() {
-		return nil, fmt.Errorf("%s: is a directory", path)
-	}
-	f, err := os.CreateTemp(dir, "."+base+".part-*")
+	af, err := atomicfile.Create(path)
 	if err != nil {
-		return nil, fmt.Errorf("creating output next to %s: %w", path, err)
-	}
-	if err := f.Chmod(0o644); err != nil {
-		f.Close()
-		os.Remove(f.Name())
 		return nil, err
 	}
-	if err := f.Truncate(size); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return nil, fmt.Errorf("%s: setting size %d: %w", f.Name(), size, err)
+	if err := af.Truncate(size); err != nil {
+		af.Abort()
+		return nil, fmt.Errorf("%s: setting size %d: %w", af.Name(), size, err)
 	}
-	return &Output{f: f, final: path, size: size}, nil
+	return &Output{af: af, f: af.File, size: size}, nil
 }
 
 // TempName is the name the output is written under until Commit.
@@ -89,7 +75,11 @@ func (o *Output) WriteAt(p []byte, off int64) (int, error) {
 	if off < 0 || off+int64(len(p)) > o.size {
 		return 0, fmt.Errorf("raw output: write [%d,+%d) outside size %d", off, len(p), o.size)
 	}
-	return o.f.WriteAt(p, off)
+	n, err := o.f.WriteAt(p, off)
+	if o.af != nil {
+		o.af.Wrote(int64(n))
+	}
+	return n, err
 }
 
 // Zero implements block.Writer. On a fresh file the range already reads as
@@ -99,7 +89,7 @@ func (o *Output) Zero(off, length int64) error {
 	if length == 0 {
 		return nil
 	}
-	return ZeroRange(o.f, off, length, !o.blk)
+	return ZeroRange(o.f, off, length, o.af != nil)
 }
 
 // ZeroRange makes [off, off+length) of f read as zeros: a punched hole where
@@ -133,64 +123,34 @@ func ZeroRange(f *os.File, off, length int64, punch bool) error {
 // Flush implements block.Writer.
 func (o *Output) Flush() error { return o.f.Sync() }
 
-// Commit implements sinks.Output: fsync, rename into place, fsync the folder.
+// Commit implements sinks.Output: sync, then rename into place.
 func (o *Output) Commit(ctx context.Context) error {
-	if o.done {
-		return errors.New("raw output: already finished")
-	}
 	if err := ctx.Err(); err != nil {
 		o.Abort()
 		return err
 	}
+	if o.af != nil {
+		return o.af.Commit()
+	}
+	if o.done {
+		return errors.New("raw output: already finished")
+	}
 	o.done = true
 	if err := o.f.Sync(); err != nil {
 		o.f.Close()
-		o.remove()
 		return fmt.Errorf("%s: sync: %w", o.f.Name(), err)
 	}
-	if err := o.f.Close(); err != nil {
-		o.remove()
-		return err
-	}
-	if o.blk {
-		return nil
-	}
-	if err := os.Rename(o.f.Name(), o.final); err != nil {
-		o.remove()
-		return fmt.Errorf("renaming %s to %s: %w", o.f.Name(), o.final, err)
-	}
-	return SyncDir(filepath.Dir(o.final))
+	return o.f.Close()
 }
 
-// Abort implements sinks.Output.
+// Abort implements sinks.Output. A block device is closed, not removed.
 func (o *Output) Abort() error {
-	if o.done {
-		return nil
+	if o.af != nil {
+		return o.af.Abort()
 	}
-	o.done = true
-	o.f.Close()
-	return o.remove()
-}
-
-func (o *Output) remove() error {
-	if o.blk {
-		return nil
-	}
-	if err := os.Remove(o.f.Name()); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	return nil
-}
-
-// SyncDir fsyncs a folder so a rename in it is durable.
-func SyncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("%s: sync folder: %w", dir, err)
+	if !o.done {
+		o.done = true
+		o.f.Close()
 	}
 	return nil
 }

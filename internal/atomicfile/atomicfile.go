@@ -1,0 +1,114 @@
+// Package atomicfile writes an output under a hidden temporary name beside
+// its final path and moves it into place only when complete: Commit syncs
+// the data, renames, and syncs the folder; Abort removes the temporary file.
+// A reader of the final path never sees a half-written image, and a failed
+// or interrupted write leaves nothing behind.
+package atomicfile
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+
+	"golang.org/x/sys/unix"
+)
+
+// WritebackEvery is how many bytes may be written before writeback of the
+// file is started (without waiting), so the fsync of Commit is short and the
+// disk works while the copy goes on.
+const WritebackEvery = 64 << 20
+
+// File is an output being written. Its embedded *os.File is the temporary
+// file; write to it freely, call Wrote to pace writeback.
+type File struct {
+	*os.File
+	final    string
+	unsynced atomic.Int64
+	done     bool
+}
+
+// Create starts an output that will become path. path must not be a folder.
+func Create(path string) (*File, error) {
+	if st, err := os.Stat(path); err == nil && st.IsDir() {
+		return nil, fmt.Errorf("%s: is a directory", path)
+	}
+	dir, base := filepath.Split(path)
+	if dir == "" {
+		dir = "."
+	}
+	f, err := os.CreateTemp(dir, "."+base+".part-*")
+	if err != nil {
+		return nil, fmt.Errorf("creating output next to %s: %w", path, err)
+	}
+	if err := f.Chmod(0o644); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return nil, err
+	}
+	return &File{File: f, final: path}, nil
+}
+
+// Final is the path the file gets on Commit.
+func (f *File) Final() string { return f.final }
+
+// Wrote records n bytes written and starts writeback every WritebackEvery.
+func (f *File) Wrote(n int64) {
+	if f.unsynced.Add(n) < WritebackEvery {
+		return
+	}
+	if v := f.unsynced.Load(); v >= WritebackEvery && f.unsynced.CompareAndSwap(v, 0) {
+		// Best effort: Commit's fsync reports any error.
+		_ = unix.SyncFileRange(int(f.Fd()), 0, 0, unix.SYNC_FILE_RANGE_WRITE)
+	}
+}
+
+// Commit syncs the file, renames it to its final path and syncs the folder.
+// On failure the temporary file is removed.
+func (f *File) Commit() error {
+	if f.done {
+		return errors.New(f.final + ": output already finished")
+	}
+	f.done = true
+	if err := f.Sync(); err != nil {
+		f.Close()
+		os.Remove(f.Name())
+		return fmt.Errorf("%s: sync: %w", f.Name(), err)
+	}
+	if err := f.Close(); err != nil {
+		os.Remove(f.Name())
+		return err
+	}
+	if err := os.Rename(f.Name(), f.final); err != nil {
+		os.Remove(f.Name())
+		return fmt.Errorf("renaming %s to %s: %w", f.Name(), f.final, err)
+	}
+	return SyncDir(filepath.Dir(f.final))
+}
+
+// Abort closes and removes the temporary file. It is a no-op after Commit.
+func (f *File) Abort() error {
+	if f.done {
+		return nil
+	}
+	f.done = true
+	f.Close()
+	if err := os.Remove(f.Name()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	return nil
+}
+
+// SyncDir fsyncs a folder so a rename in it is durable.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil && !errors.Is(err, unix.EINVAL) {
+		return fmt.Errorf("%s: sync folder: %w", dir, err)
+	}
+	return nil
+}
