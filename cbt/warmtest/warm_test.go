@@ -191,9 +191,12 @@ func TestCrashSafety(t *testing.T) {
 			}
 		}
 		point := points[trial%len(points)]
-		delay := time.Duration(r.IntN(40)) * time.Millisecond
-		if trial == 0 {
-			delay = 60 * time.Millisecond // in the middle of the full copy
+		// The hook pauses 30 ms at each step: a kill within 20 ms lands at
+		// that step; after "copy" it lands 30-90 ms later, inside the copy
+		// (each later step still pauses, so the process is still alive).
+		delay := time.Duration(r.IntN(20)) * time.Millisecond
+		if point == "copy" {
+			delay = time.Duration(30+r.IntN(60)) * time.Millisecond
 		}
 		if killSyncAt(t, h, common, point, delay) {
 			killedAt[point]++
