@@ -25,7 +25,6 @@
 package cbttest
 
 import (
-	"context"
 	"crypto/rand"
 	"errors"
 	"fmt"
@@ -293,4 +292,3 @@ func flatOf(dsDir, fileName string) (desc, flat string) {
 	return desc, strings.TrimSuffix(desc, ".vmdk") + "-flat.vmdk"
 }
 
-var _ = context.Background
