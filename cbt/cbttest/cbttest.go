@@ -291,4 +291,3 @@ func flatOf(dsDir, fileName string) (desc, flat string) {
 	desc = filepath.Join(dsDir, filepath.FromSlash(p.Path))
 	return desc, strings.TrimSuffix(desc, ".vmdk") + "-flat.vmdk"
 }
-
