@@ -2,7 +2,9 @@ package cbttest
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -44,6 +46,17 @@ func NewCountingProxy(target *url.URL) (*CountingProxy, error) {
 	u.Host = strings.TrimPrefix(p.srv.URL, "https://")
 	p.URL = &u
 	return p, nil
+}
+
+// Thumbprint is the SHA-256 thumbprint of the proxy's certificate
+// (AA:BB:...), for --thumbprint.
+func (p *CountingProxy) Thumbprint() string {
+	sum := sha256.Sum256(p.srv.Certificate().Raw)
+	parts := make([]string, len(sum))
+	for i, b := range sum {
+		parts[i] = fmt.Sprintf("%02X", b)
+	}
+	return strings.Join(parts, ":")
 }
 
 // FolderBytes returns the bytes served from /folder since the last Reset.

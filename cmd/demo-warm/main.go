@@ -74,7 +74,8 @@ func run(bin, work string, size int64) error {
 	}
 	defer h.Close()
 	uri := fmt.Sprintf("vsphere://%s@%s/%s/vm/%s", vmwaretest.User, h.Proxy.URL.Host, vmwaretest.Datacenter, h.Name)
-	common := []string{"--target", target, "--insecure", "--yes"}
+	// The simulator's certificate is self-signed: pin it, as with a vCenter.
+	common := []string{"--target", target, "--thumbprint", h.Proxy.Thumbprint(), "--yes"}
 
 	step("round 1: vmdk2kvm sync %s --enable-cbt --report (full copy of the allocated areas)", uri)
 	if err := v2k(bin, args("sync", uri, append(common, "--enable-cbt", "--report")...)); err != nil {
@@ -203,7 +204,7 @@ func runBench(bin, work, disk string) error {
 	defer h.Close()
 	size := h.Size()
 	uri := fmt.Sprintf("vsphere://%s@%s/%s/vm/%s", vmwaretest.User, h.Proxy.URL.Host, vmwaretest.Datacenter, h.Name)
-	sync := args("sync", uri, "--target", target, "--insecure", "--yes")
+	sync := args("sync", uri, "--target", target, "--thumbprint", h.Proxy.Thumbprint(), "--yes")
 
 	h.Proxy.Reset()
 	tFull, rssFull, err := timedRun(bin, sync)
