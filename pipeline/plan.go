@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/units"
 	"io"
 	"os"
 	"path/filepath"
@@ -505,7 +506,7 @@ func (p *Plan) WriteText(w io.Writer) error {
 		fw += "+secure boot"
 	}
 	bw.printf("VM:     %s (%s) %s, %s%s\n", p.VM.Name, p.VM.MoRef, p.VM.Path, p.VM.PowerState, host)
-	bw.printf("Guest:  %s (%s), %s, %d vCPU, %s, %s\n", p.VM.GuestID, p.VM.OSFamily, fw, p.VM.CPUs, planHuman(p.VM.MemoryMiB<<20), p.VM.HardwareVersion)
+	bw.printf("Guest:  %s (%s), %s, %d vCPU, %s, %s\n", p.VM.GuestID, p.VM.OSFamily, fw, p.VM.CPUs, units.Bytes(p.VM.MemoryMiB<<20), p.VM.HardwareVersion)
 	cbt := "off"
 	if p.VM.CBT {
 		cbt = "on"
@@ -522,7 +523,7 @@ func (p *Plan) WriteText(w io.Writer) error {
 		if d.Target.Device != "" {
 			target += fmt.Sprintf(" (%s, boot %d)", d.Target.Device, d.Target.Boot)
 		}
-		cp := fmt.Sprintf("%s (%s)", planHuman(d.AllocatedBytes), d.AllocatedSource)
+		cp := fmt.Sprintf("%s (%s)", units.Bytes(d.AllocatedBytes), d.AllocatedSource)
 		tm := planDuration(d.EstimatedSeconds)
 		if d.Skip != "" {
 			cp, tm, target = "-", "-", "skipped"
@@ -531,10 +532,10 @@ func (p *Plan) WriteText(w io.Writer) error {
 		for _, l := range d.Chain {
 			kinds = append(kinds, l.Type)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.Address, planHuman(d.CapacityBytes), cp, tm, via, strings.Join(kinds, ">"), target)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", d.Address, units.Bytes(d.CapacityBytes), cp, tm, via, strings.Join(kinds, ">"), target)
 	}
 	tw.Flush()
-	bw.printf("Total:  %s to copy of %s, about %s at %s/s\n\n", planHuman(p.Totals.CopyBytes), planHuman(p.Totals.CapacityBytes), planDuration(p.Totals.EstimatedSeconds), planHuman(p.Rate))
+	bw.printf("Total:  %s to copy of %s, about %s at %s/s\n\n", units.Bytes(p.Totals.CopyBytes), units.Bytes(p.Totals.CapacityBytes), planDuration(p.Totals.EstimatedSeconds), units.Bytes(p.Rate))
 	bw.printf("Domain: %s (%s, q35, %s, disks on %s) -> %s\n", p.Domain.Name, p.Domain.Type, strings.ToUpper(p.Domain.Firmware), p.Domain.DiskBus, p.Domain.File)
 	for _, n := range p.Domain.NICs {
 		bw.printf("        NIC %s %s %q -> virtio on %q\n", n.MAC, n.Adapter, n.From, n.To)
@@ -567,19 +568,6 @@ func (e *planWriter) Write(b []byte) (int, error) {
 }
 
 func (e *planWriter) printf(format string, a ...any) { fmt.Fprintf(e, format, a...) }
-
-func planHuman(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
 
 func planDuration(secs float64) string {
 	d := time.Duration(secs * float64(time.Second))

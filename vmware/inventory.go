@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/units"
 	"path"
 	"sort"
 
@@ -92,7 +93,7 @@ func (c *Client) List(ctx context.Context, p string) ([]Entry, error) {
 			return nil, fmt.Errorf("list %s: %w", p, err)
 		}
 		for _, m := range mos {
-			summary[m.Self.Value] = fmt.Sprintf("%s, %s free of %s", m.Summary.Type, human(m.Summary.FreeSpace), human(m.Summary.Capacity))
+			summary[m.Self.Value] = fmt.Sprintf("%s, %s free of %s", m.Summary.Type, units.Bytes(m.Summary.FreeSpace), units.Bytes(m.Summary.Capacity))
 		}
 	}
 	for i := range out {
@@ -100,17 +101,4 @@ func (c *Client) List(ctx context.Context, p string) ([]Entry, error) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Path < out[j].Path })
 	return out, nil
-}
-
-func human(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/units"
 	"io"
 	"sort"
 	"text/tabwriter"
@@ -84,8 +85,8 @@ func printInfo(w io.Writer, name string, in infoJSON) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "image:\t%s\n", name)
 	fmt.Fprintf(tw, "format:\t%s\n", in.Format)
-	fmt.Fprintf(tw, "virtual size:\t%s (%d bytes)\n", human(in.VirtualSize), in.VirtualSize)
-	fmt.Fprintf(tw, "allocated:\t%s (%d bytes)\n", human(in.Allocated), in.Allocated)
+	fmt.Fprintf(tw, "virtual size:\t%s (%d bytes)\n", units.Bytes(in.VirtualSize), in.VirtualSize)
+	fmt.Fprintf(tw, "allocated:\t%s (%d bytes)\n", units.Bytes(in.Allocated), in.Allocated)
 	keys := make([]string, 0, len(in.Props))
 	for k := range in.Props {
 		keys = append(keys, k)
@@ -104,7 +105,7 @@ func printInfo(w io.Writer, name string, in infoJSON) error {
 			if l.Subformat != "" {
 				f += "/" + l.Subformat
 			}
-			fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\n", i, l.File, f, dash(l.ID), dash(l.Parent), human(l.Allocated))
+			fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\n", i, l.File, f, dash(l.ID), dash(l.Parent), units.Bytes(l.Allocated))
 		}
 		tw.Flush()
 	}
@@ -127,15 +128,5 @@ func dash(s string) string {
 	return s
 }
 
-func human(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
+// human prints a byte count for people (see internal/units).
+func human(n int64) string { return units.Bytes(n) }

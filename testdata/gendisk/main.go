@@ -7,9 +7,8 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/units"
 	"os"
-	"strconv"
-	"strings"
 
 	"github.com/vmdk2kvm/vmdk2kvm/internal/diskgen"
 )
@@ -22,7 +21,7 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: gendisk [-size N] [-seed S] OUT")
 		os.Exit(2)
 	}
-	n, err := parseSize(*size)
+	n, err := units.ParseSize(*size)
 	if err == nil {
 		_, err = diskgen.Write(context.Background(), flag.Arg(0), n, *seed)
 	}
@@ -30,21 +29,4 @@ func main() {
 		fmt.Fprintln(os.Stderr, "gendisk:", err)
 		os.Exit(1)
 	}
-}
-
-func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	switch {
-	case strings.HasSuffix(s, "K"):
-		mult, s = 1<<10, strings.TrimSuffix(s, "K")
-	case strings.HasSuffix(s, "M"):
-		mult, s = 1<<20, strings.TrimSuffix(s, "M")
-	case strings.HasSuffix(s, "G"):
-		mult, s = 1<<30, strings.TrimSuffix(s, "G")
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n < 0 {
-		return 0, fmt.Errorf("bad size %q", s)
-	}
-	return n * mult, nil
 }
