@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/units"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -84,7 +85,7 @@ func Cutover(ctx context.Context, cfg CutoverConfig) (*Report, error) {
 
 	t0 := now()
 	r, err := s.Round(ctx, "final")
-	if step("final-round", t0, err, fmt.Sprintf("%s changed, %s read", HumanBytes(r.Totals.Changed), HumanBytes(r.Totals.Read))) != nil {
+	if step("final-round", t0, err, fmt.Sprintf("%s changed, %s read", units.Bytes(r.Totals.Changed), units.Bytes(r.Totals.Read))) != nil {
 		return rep(), fmt.Errorf("cutover: final round: %w", err)
 	}
 

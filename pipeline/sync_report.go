@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/units"
 	"html/template"
 	"math"
 	"path/filepath"
@@ -70,11 +71,11 @@ func (r *Report) Summary() string {
 			rate = float64(x.Totals.Read) / x.Totals.CopySeconds
 		}
 		fmt.Fprintf(&b, "  round %d (%s): %s changed, %s read, %s written in %.2fs (%s/s)\n",
-			x.N, x.Kind, HumanBytes(x.Totals.Changed), HumanBytes(x.Totals.Read), HumanBytes(x.Totals.Written), x.Seconds, HumanBytes(int64(rate)))
+			x.N, x.Kind, units.Bytes(x.Totals.Changed), units.Bytes(x.Totals.Read), units.Bytes(x.Totals.Written), x.Seconds, units.Bytes(int64(rate)))
 	}
 	if r.Projection.Known {
 		fmt.Fprintf(&b, "  projected final round: %.2fs (change rate %s/s, copy rate %s/s)\n",
-			r.Projection.FinalRoundSecond, HumanBytes(int64(r.Projection.ChangeRate)), HumanBytes(int64(r.Projection.CopyRate)))
+			r.Projection.FinalRoundSecond, units.Bytes(int64(r.Projection.ChangeRate)), units.Bytes(int64(r.Projection.CopyRate)))
 	}
 	if r.Cutover != nil {
 		fmt.Fprintf(&b, "  cutover: downtime %.2fs (power-off to ready)\n", r.Cutover.DowntimeSeconds)
@@ -83,20 +84,6 @@ func (r *Report) Summary() string {
 		fmt.Fprintf(&b, "    %-14s %-8s %6.2fs  %s\n", s.Name, s.Status, s.Seconds, s.Detail)
 	}
 	return b.String()
-}
-
-// HumanBytes prints a byte count with a binary unit.
-func HumanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 type bar struct {
@@ -160,7 +147,7 @@ func (r *Report) view() view {
 		h1, h2 := logH(x.Totals.Changed), logH(x.Totals.Read)
 		v.Bars = append(v.Bars, bar{X: x0, W: bw, Y1: 20 + height - h1, H1: h1, Y2: 20 + height - h2, H2: h2,
 			Label: fmt.Sprintf("%d %s", x.N, x.Kind),
-			Tip1:  "changed " + HumanBytes(x.Totals.Changed), Tip2: "read " + HumanBytes(x.Totals.Read)})
+			Tip1:  "changed " + units.Bytes(x.Totals.Changed), Tip2: "read " + units.Bytes(x.Totals.Read)})
 		v.MaxSec = max(v.MaxSec, x.Seconds)
 	}
 	for _, f := range []float64{0, 0.5, 1} {
@@ -173,7 +160,7 @@ func (r *Report) view() view {
 		if x.Totals.CopySeconds > 0 {
 			rate = float64(x.Totals.Read) / x.Totals.CopySeconds
 		}
-		v.Points = append(v.Points, point{X: px, Y: py, Tip: fmt.Sprintf("round %d: %.2fs, %s/s", x.N, x.Seconds, HumanBytes(int64(rate)))})
+		v.Points = append(v.Points, point{X: px, Y: py, Tip: fmt.Sprintf("round %d: %.2fs, %s/s", x.N, x.Seconds, units.Bytes(int64(rate)))})
 		if i > 0 {
 			v.Line += " "
 		}
@@ -188,8 +175,8 @@ func (r *Report) view() view {
 				warn += d.Warning + " "
 			}
 		}
-		v.Rows = append(v.Rows, row{N: x.N, Kind: x.Kind, Changed: HumanBytes(x.Totals.Changed), Read: HumanBytes(x.Totals.Read),
-			Written: HumanBytes(x.Totals.Written), Seconds: fmt.Sprintf("%.2f", x.Seconds), Rate: HumanBytes(int64(rate)) + "/s",
+		v.Rows = append(v.Rows, row{N: x.N, Kind: x.Kind, Changed: units.Bytes(x.Totals.Changed), Read: units.Bytes(x.Totals.Read),
+			Written: units.Bytes(x.Totals.Written), Seconds: fmt.Sprintf("%.2f", x.Seconds), Rate: units.Bytes(int64(rate)) + "/s",
 			Warning: warn, Phase: ph})
 	}
 	if r.Cutover != nil {

@@ -14,10 +14,10 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/units"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -124,21 +124,13 @@ func run(bin, work string, size int64) error {
 	return nil
 }
 
+// parseSize reads -size: a positive multiple of 1 MiB.
 func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	switch {
-	case strings.HasSuffix(s, "K"):
-		mult, s = 1<<10, strings.TrimSuffix(s, "K")
-	case strings.HasSuffix(s, "M"):
-		mult, s = 1<<20, strings.TrimSuffix(s, "M")
-	case strings.HasSuffix(s, "G"):
-		mult, s = 1<<30, strings.TrimSuffix(s, "G")
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n <= 0 || n*mult%(1<<20) != 0 {
+	n, err := units.ParseSize(s)
+	if err != nil || n <= 0 || n%(1<<20) != 0 {
 		return 0, fmt.Errorf("-size %q: want a positive multiple of 1 MiB", s)
 	}
-	return n * mult, nil
+	return n, nil
 }
 
 func step(format string, args ...any) {
