@@ -10,15 +10,19 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/vmdk2kvm-demo.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 v2k=bin/vmdk2kvm
 
-echo "== generating a 256 MiB test disk (40% random, 20% text, 30% holes, 10% zeros)"
+echo "== a 256 MiB test disk (40% random, 20% text, 30% holes, 10% zeros) as a VMDK snapshot chain"
 go run ./testdata/gendisk -size 256M -seed 1 "$work/disk.raw"
-"$v2k" info "$work/disk.raw" | head -4
+qemu-img convert -f raw -O vmdk -o subformat=monolithicSparse "$work/disk.raw" "$work/web01.vmdk"
+qemu-img create -q -f vmdk -b web01.vmdk -F vmdk "$work/web01-000001.vmdk"
+qemu-io -f vmdk -c 'write -P 0x42 1M 3M' -c 'write -z 64M 1M' "$work/web01-000001.vmdk" >/dev/null
+"$v2k" info "$work/web01-000001.vmdk"
 
-echo "== converting it"
-"$v2k" convert -O raw "$work/disk.raw" "$work/out.raw"
+echo "== flattening the chain into qcow2"
+"$v2k" convert "$work/web01-000001.vmdk" "$work/web01.qcow2"
 
-echo "== verifying with qemu-img"
-qemu-img compare -f raw -F raw "$work/disk.raw" "$work/out.raw"
+echo "== verifying with qemu-img (check, compare with the chain)"
+qemu-img check -q "$work/web01.qcow2"
+qemu-img compare -f vmdk -F qcow2 "$work/web01-000001.vmdk" "$work/web01.qcow2"
 echo "== warm migration (vSphere simulator with CBT, sync x3, cutover)"
 warm="${TMPDIR:-/tmp}/vmdk2kvm-warm-demo"
 rm -rf "$warm"

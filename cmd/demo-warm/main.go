@@ -15,6 +15,8 @@ import (
 	"flag"
 	"fmt"
 	"github.com/vmdk2kvm/vmdk2kvm/internal/units"
+	"io"
+	"log"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,6 +35,10 @@ func main() {
 	sizeFlag := flag.String("size", "256M", "disk size (bytes, or with a K, M or G suffix)")
 	bench := flag.String("bench", "", "instead of the demo, benchmark a full and a 1% incremental round on this raw disk (bench/warm.sh)")
 	flag.Parse()
+	// The simulator's servers log every TLS handshake that govmomi's
+	// thumbprint check makes fail on purpose (it verifies, then pins):
+	// noise for a demo, so the standard logger is silenced.
+	log.SetOutput(io.Discard)
 	size, err := parseSize(*sizeFlag)
 	if err == nil && *bench != "" {
 		err = runBench(*bin, *work, *bench)
