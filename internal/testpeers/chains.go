@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/testutil"
 	"io"
 	"os"
 	"os/exec"
@@ -91,29 +92,8 @@ func VMDKChains(t testing.TB, dir, oracleDir string) []Chain {
 	return out
 }
 
-// SamplesDir returns the shared real VMDK samples (../shared/samples/vmdk
-// beside the repository, or /work/shared/samples/vmdk).
-func SamplesDir(t testing.TB) string {
-	t.Helper()
-	wd, _ := os.Getwd()
-	for d := wd; ; d = filepath.Dir(d) {
-		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-			p := filepath.Join(d, "..", "shared", "samples", "vmdk")
-			if _, err := os.Stat(p); err == nil {
-				return p
-			}
-			break
-		}
-		if filepath.Dir(d) == d {
-			break
-		}
-	}
-	p := "/work/shared/samples/vmdk"
-	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("shared VMDK samples not found beside the repository nor at %s", p)
-	}
-	return p
-}
+// SamplesDir is the folder of the project's real VMDK samples.
+func SamplesDir(t testing.TB) string { return testutil.SamplesDir(t) }
 
 // copySample copies a sample into dir, decompressing .gz.
 func copySample(t testing.TB, samples, name, dir string) {

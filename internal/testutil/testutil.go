@@ -5,6 +5,7 @@ package testutil
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -42,6 +43,43 @@ func SharedDir(t testing.TB) string {
 	}
 	t.Fatal("shared folder not found beside the checkout")
 	return ""
+}
+
+// Samples returns the folder of real VMDK samples (shared/samples/vmdk
+// beside the checkout, as CI lays it out, or /work/shared/samples/vmdk),
+// for callers without a testing.TB.
+func Samples() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	cands := []string{}
+	for d := dir; ; d = filepath.Dir(d) {
+		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
+			cands = append(cands, filepath.Join(filepath.Dir(d), "shared", "samples", "vmdk"))
+			break
+		}
+		if filepath.Dir(d) == d {
+			break
+		}
+	}
+	cands = append(cands, "/work/shared/samples/vmdk")
+	for _, p := range cands {
+		if st, err := os.Stat(p); err == nil && st.IsDir() {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("VMDK samples not found at %s", strings.Join(cands, " nor "))
+}
+
+// SamplesDir is Samples for tests: it fails the test when they are missing.
+func SamplesDir(t testing.TB) string {
+	t.Helper()
+	p, err := Samples()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // Run runs a command and fails the test with its output if it fails.

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/testutil"
 	"io"
 	"os"
 	"os/exec"
@@ -24,32 +25,7 @@ import (
 	"github.com/vmdk2kvm/vmdk2kvm/sources/file"
 )
 
-// samplesDir finds ../shared/samples/vmdk beside the repository root (the
-// folder holding go.mod), falling back to /work/shared.
-func samplesDir(t testing.TB) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for d := dir; ; d = filepath.Dir(d) {
-		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-			p := filepath.Join(filepath.Dir(d), "shared", "samples", "vmdk")
-			if _, err := os.Stat(p); err == nil {
-				return p
-			}
-			break
-		}
-		if filepath.Dir(d) == d {
-			break
-		}
-	}
-	p := "/work/shared/samples/vmdk"
-	if _, err := os.Stat(p); err != nil {
-		t.Fatalf("VMDK samples not found beside the repository nor at %s", p)
-	}
-	return p
-}
+func samplesDir(t testing.TB) string { return testutil.SamplesDir(t) }
 
 // sample copies (and decompresses) a sample file into dir under its plain
 // name, and returns that path.

@@ -4,6 +4,7 @@ import (
 	"compress/gzip"
 	"crypto/sha1"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/internal/testutil"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -171,31 +172,8 @@ RW %d VMFSRDM "db01_1-rdmp.vmdk"
 	return os.WriteFile(e.Path("db01/db01_1.vmdk"), []byte(rdm), 0o644)
 }
 
-// SamplesDir finds ../shared/samples/vmdk beside the repository root (the
-// folder holding go.mod), falling back to /work/shared/samples/vmdk.
-func SamplesDir() (string, error) {
-	wd, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for d := wd; ; d = filepath.Dir(d) {
-		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-			p := filepath.Join(filepath.Dir(d), "shared", "samples", "vmdk")
-			if _, err := os.Stat(p); err == nil {
-				return p, nil
-			}
-			break
-		}
-		if filepath.Dir(d) == d {
-			break
-		}
-	}
-	p := "/work/shared/samples/vmdk"
-	if _, err := os.Stat(p); err != nil {
-		return "", fmt.Errorf("vmwaretest: VMDK samples not found beside the repository nor at %s", p)
-	}
-	return p, nil
-}
+// SamplesDir is the folder of the project's real VMDK samples.
+func SamplesDir() (string, error) { return testutil.Samples() }
 
 func ptr[T any](v T) *T { return &v }
 
