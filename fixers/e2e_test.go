@@ -335,7 +335,7 @@ func TestConvertFixBoots(t *testing.T) {
 	}
 	for _, want := range []string{"write /etc/fstab", "remove /etc/udev/rules.d/70-persistent-net.rules",
 		"symlink /etc/systemd/system/open-vm-tools.service", "command update-initramfs -u -k all",
-		"write /var/lib/cloud/seed/nocloud/user-data"} {
+		"write /var/lib/cloud/seed/nocloud/user-data", "command grub-mkconfig -o /boot/grub/grub.cfg"} {
 		if ok, seen := ops[want]; !seen || !ok {
 			t.Errorf("host journal lacks successful %q: %v", want, ops)
 		}

@@ -275,6 +275,17 @@ func (s *server) ReadFile(_ context.Context, in *pb.PathRequest) (*pb.FileData, 
 	if ok, err := s.exists(in.Path); err == nil && !ok {
 		return nil, status.Errorf(codes.NotFound, "%s: no such file", in.Path)
 	}
+	if size, err := s.g.Filesize(in.Path); err == nil && size > smallFile {
+		// read_file is bounded by libguestfs's message size: stream it.
+		if size > maxMsg-4096 {
+			return nil, status.Errorf(codes.ResourceExhausted, "%s is %d bytes, more than the Guest API carries (%d)", in.Path, size, maxMsg)
+		}
+		d, err := s.download(in.Path)
+		if err != nil {
+			return nil, gerr(err)
+		}
+		return &pb.FileData{Data: d}, nil
+	}
 	d, err := s.g.Read_file(in.Path)
 	if err != nil {
 		return nil, gerr(err)
@@ -296,7 +307,12 @@ func (s *server) WriteFile(_ context.Context, in *pb.WriteFileRequest) (*pb.Empt
 			}
 		}
 	}
-	if err := s.g.Write(in.Path, in.Data); err != nil {
+	if len(in.Data) > smallFile {
+		err = s.upload(in.Path, in.Data)
+	} else {
+		err = s.g.Write(in.Path, in.Data)
+	}
+	if err != nil {
 		return nil, gerr(err)
 	}
 	if !existed || in.Mode != 0 {
@@ -309,6 +325,39 @@ func (s *server) WriteFile(_ context.Context, in *pb.WriteFileRequest) (*pb.Empt
 		}
 	}
 	return &pb.Empty{}, nil
+}
+
+// smallFile is what read_file/write carry in one libguestfs message; larger
+// files go through download/upload (a temporary host file).
+const smallFile = 1 << 20
+
+func (s *server) download(p string) ([]byte, error) {
+	f, err := os.CreateTemp("", "vmdk2kvm-guest-dl-")
+	if err != nil {
+		return nil, err
+	}
+	f.Close()
+	defer os.Remove(f.Name())
+	if err := s.g.Download(p, f.Name()); err != nil {
+		return nil, err
+	}
+	return os.ReadFile(f.Name())
+}
+
+func (s *server) upload(p string, data []byte) error {
+	f, err := os.CreateTemp("", "vmdk2kvm-guest-ul-")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	return s.g.Upload(f.Name(), p)
 }
 
 func (s *server) Stat(_ context.Context, in *pb.PathRequest) (*pb.StatResponse, error) {
