@@ -250,7 +250,8 @@ func pluginReport(t *testing.T, rep *pipeline.FixReport, name string) pipeline.P
 	return pipeline.PluginReport{}
 }
 
-// TestConvertFixBoots is the proof: the VMware-style guest converted without
+// TestConvertFixBoots is the proof: `plan` lists the fixes and changes
+// nothing; the VMware-style guest converted without
 // --fix does not boot on virtio-blk (and the console says why); converted with
 // --fix it boots to multi-user with its NIC named as before and the example
 // plugin's change in place; a second fix run plans nothing. Misbehaving
@@ -278,10 +279,28 @@ func TestConvertFixBoots(t *testing.T) {
 		unfixedBoot <- bootRes{r, err}
 	}()
 
+	// PLAN only: the fixes are listed with their diffs, nothing is written.
+	planOut, stderr, err := vmdk2kvm(ctx, "plan", "--no-default-plugin-dirs", "--plugin-dir", goodDir, guest)
+	if err != nil {
+		t.Fatalf("plan: %v\n%s", err, stderr)
+	}
+	for _, want := range []string{"# Fix plan: ", "## linux ", ": planned", "```diff\n--- a/etc/fstab\n+++ b/etc/fstab\n",
+		"-" + byPath + " / ext4", "Regenerate the initramfs with the guest's own tool (update-initramfs -u -k all).",
+		"Regenerate /boot/grub/grub.cfg with the guest's grub-mkconfig", "Mask the VMware service open-vm-tools.service",
+		"Name the virtio NIC ens192", "## motd 1.0.0: planned"} {
+		if !strings.Contains(planOut, want) {
+			t.Errorf("plan output lacks %q:\n%s", want, planOut)
+		}
+	}
+	if strings.Contains(planOut, "(done)") || strings.Contains(planOut, "Recorded guest mutations") {
+		t.Errorf("plan claims it changed something:\n%s", planOut)
+	}
+	assertSourceUntouched(t)
+
 	userData := filepath.Join(out, "user-data.yaml")
 	os.WriteFile(userData, []byte("#cloud-config\nhostname: kvm-deb12\n"), 0o644)
 	start := time.Now()
-	_, stderr, err := vmdk2kvm(ctx, "convert", "--fix", "--on-fixer-error", "continue", "--cloud-init", userData, "--no-default-plugin-dirs",
+	_, stderr, err = vmdk2kvm(ctx, "convert", "--fix", "--on-fixer-error", "continue", "--cloud-init", userData, "--no-default-plugin-dirs",
 		"--plugin-dir", goodDir, "--plugin-dir", badDir(t, "crash-plan", "write-in-plan"), guest, fixed)
 	if err != nil {
 		t.Fatalf("convert --fix: %v\n%s", err, stderr)
