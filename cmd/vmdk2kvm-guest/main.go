@@ -8,7 +8,9 @@
 //
 // Usage: vmdk2kvm-guest --socket PATH --image FILE|nbd+unix:///?socket=S [--format FMT] [--readonly]
 //
-// Without KVM (or with VMDK2KVM_FORCE_TCG=1) the appliance runs under TCG.
+// The appliance runs under TCG unless VMDK2KVM_GUESTFS_KVM=1 is set and
+// /dev/kvm opens: a present /dev/kvm is not a working one (nested PVM hosts
+// hang or abort stock guest kernels), and TCG always works.
 package main
 
 import (
