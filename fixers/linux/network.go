@@ -124,7 +124,9 @@ func (p *plan) network(ctx context.Context) error {
 			}
 		}
 	}
-	// systemd-networkd
+	// systemd-networkd: .network files matching by MAC are rewritten to match
+	// by name once the (single) interface name is known.
+	var macNetworks []string
 	for _, f := range p.listGlob(ctx, "/etc/systemd/network", ".network") {
 		b, err := p.read(ctx, f)
 		if err != nil {
@@ -132,10 +134,62 @@ func (p *plan) network(ctx context.Context) error {
 		}
 		nameKeys(string(b), note)
 		if reLinkMAC.Match(b) {
-			p.g.Warn("%s matches an interface by MAC address; it will not apply to the virtio NIC", f)
+			macNetworks = append(macNetworks, f)
 		}
 	}
-	return p.keepName(ctx, names)
+	if err := p.keepName(ctx, names); err != nil {
+		return err
+	}
+	for _, f := range macNetworks {
+		old, err := p.read(ctx, f)
+		if err != nil {
+			return err
+		}
+		if len(names) != 1 {
+			p.g.Warn("%s matches an interface by MAC address; it will not apply to the virtio NIC", f)
+			continue
+		}
+		var name string
+		for n := range names {
+			name = n
+		}
+		nt, gone := networkdMatchName(string(old), name)
+		p.add(plugins.EditFile(fmt.Sprintf("Match %s by name %s instead of its VMware MAC address (%s).", f, name, strings.Join(gone, "; ")), f, old, []byte(nt), 0)...)
+	}
+	return nil
+}
+
+// networkdMatchName replaces MACAddress= in a .network file's [Match] section
+// by Name=name (or drops it when the section already matches a name).
+func networkdMatchName(text, name string) (string, []string) {
+	lines := strings.SplitAfter(text, "\n")
+	section, hasName := "", false
+	for _, l := range lines {
+		t := strings.TrimSpace(l)
+		if strings.HasPrefix(t, "[") {
+			section = t
+		} else if section == "[Match]" && strings.HasPrefix(t, "Name=") {
+			hasName = true
+		}
+	}
+	var out, gone []string
+	section = ""
+	for _, l := range lines {
+		t := strings.TrimSpace(l)
+		if strings.HasPrefix(t, "[") {
+			section = t
+		}
+		if section == "[Match]" && strings.HasPrefix(t, "MACAddress=") {
+			gone = append(gone, t)
+			if !hasName {
+				out = append(out, "Name="+name+"\n")
+				hasName = true
+			}
+			continue
+		}
+		out = append(out, l)
+	}
+	return strings.Join(out, ""), gone
 }
 
 func onlyComments(text string) bool {

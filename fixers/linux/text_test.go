@@ -148,3 +148,20 @@ func TestMACLines(t *testing.T) {
 		t.Fatalf("%q", out)
 	}
 }
+
+func TestNetworkdMatchName(t *testing.T) {
+	in := "[Match]\nMACAddress=00:50:56:aa:bb:cc\n\n[Network]\nAddress=10.0.0.5/24\n"
+	out, gone := networkdMatchName(in, "ens192")
+	if out != "[Match]\nName=ens192\n\n[Network]\nAddress=10.0.0.5/24\n" || len(gone) != 1 {
+		t.Fatalf("%q %q", out, gone)
+	}
+	in = "[Match]\nName=ens192\nMACAddress=00:50:56:aa:bb:cc\n"
+	if out, _ := networkdMatchName(in, "ens192"); out != "[Match]\nName=ens192\n" {
+		t.Fatalf("%q", out)
+	}
+	// MACAddress= outside [Match] (setting the MAC) is kept.
+	in = "[Match]\nName=eth0\n[Link]\nMACAddress=52:54:00:00:00:01\n"
+	if out, gone := networkdMatchName(in, "eth0"); out != in || len(gone) != 0 {
+		t.Fatalf("%q", out)
+	}
+}
