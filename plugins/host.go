@@ -18,6 +18,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"github.com/hashicorp/go-plugin"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	pb "github.com/vmdk2kvm/vmdk2kvm/plugins/proto"
 )
@@ -248,7 +250,8 @@ func (p *Plugin) call(ctx context.Context, what string, fn func(context.Context)
 	case ctx.Err() != nil:
 		p.client.Kill()
 		return fmt.Errorf("plugin %s: %s: cancelled: %w", p.Name, what, ctx.Err())
-	case cctx.Err() != nil:
+	case cctx.Err() != nil, status.Code(err) == codes.DeadlineExceeded:
+		// (gRPC's own deadline timer may fire a moment before the context's.)
 		p.client.Kill()
 		return fmt.Errorf("plugin %s: %s: no answer within %s: killed (hung)", p.Name, what, p.timeout)
 	}
