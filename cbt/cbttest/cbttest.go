@@ -25,9 +25,12 @@
 package cbttest
 
 import (
+	"context"
 	"crypto/rand"
-	"errors"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/block"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/file"
+	"github.com/vmdk2kvm/vmdk2kvm/vmware/vmwaretest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -39,9 +42,7 @@ import (
 	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
-	"golang.org/x/sys/unix"
 
-	"github.com/vmdk2kvm/vmdk2kvm/block"
 	"github.com/vmdk2kvm/vmdk2kvm/cbt"
 )
 
@@ -237,51 +238,27 @@ func newEpoch() string {
 
 // dataAreas lists the data extents of a sparse file up to size.
 func dataAreas(name string, size int64) ([]block.Extent, error) {
-	f, err := os.Open(name)
+	f, err := file.Open(name)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	var out []block.Extent
-	for off := int64(0); off < size; {
-		start, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) || (err == nil && start >= size) {
-			break
+	exts, err := f.Extents(context.Background(), 0, size)
+	if err != nil {
+		return nil, err
+	}
+	out := exts[:0]
+	for _, e := range exts {
+		if e.Type == block.Data {
+			out = append(out, e)
 		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: seek data at %d: %w", name, off, err)
-		}
-		end, err := unix.Seek(int(f.Fd()), start, unix.SEEK_HOLE)
-		if err != nil {
-			return nil, fmt.Errorf("%s: seek hole at %d: %w", name, start, err)
-		}
-		end = min(end, size)
-		out = append(out, block.Extent{Off: start, Len: end - start, Type: block.Data})
-		off = end
 	}
 	return out, nil
 }
 
 // writeDescriptor writes a VMFS (flat) descriptor for a -flat.vmdk.
 func writeDescriptor(path, flat string, size int64) error {
-	desc := fmt.Sprintf(`# Disk DescriptorFile
-version=1
-encoding="UTF-8"
-CID=2a000001
-parentCID=ffffffff
-createType="vmfs"
-
-# Extent description
-RW %d VMFS "%s"
-
-# The Disk Data Base
-#DDB
-
-ddb.adapterType = "lsilogic"
-ddb.uuid = "60 00 C2 9a 2a 00 00 01-00 11 22 33 44 55 66 77"
-ddb.virtualHWVersion = "19"
-`, size/512, flat)
-	return os.WriteFile(path, []byte(desc), 0o644)
+	return os.WriteFile(path, []byte(vmwaretest.FlatDescriptor(flat, size, 0x2a000001)), 0o644)
 }
 
 // flatOf returns the local paths of a disk backing's descriptor and flat file.

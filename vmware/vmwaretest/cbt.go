@@ -1,8 +1,10 @@
 package vmwaretest
 
 import (
-	"errors"
+	"context"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/block"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/file"
 	"os"
 	"strings"
 
@@ -11,7 +13,6 @@ import (
 	"github.com/vmware/govmomi/vim25/methods"
 	"github.com/vmware/govmomi/vim25/soap"
 	"github.com/vmware/govmomi/vim25/types"
-	"golang.org/x/sys/unix"
 )
 
 // AllocatedAreasVM adds QueryChangedDiskAreas to a simulator VM for the
@@ -74,27 +75,20 @@ func (vm *AllocatedAreasVM) QueryChangedDiskAreas(ctx *simulator.Context, req *t
 
 // dataAreas lists the data extents of a file from off to size.
 func dataAreas(name string, off, size int64) ([]types.DiskChangeExtent, error) {
-	f, err := os.Open(name)
+	f, err := file.Open(name)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
+	exts, err := f.Extents(context.Background(), off, size-off)
+	if err != nil {
+		return nil, err
+	}
 	var out []types.DiskChangeExtent
-	for off < size {
-		start, err := unix.Seek(int(f.Fd()), off, unix.SEEK_DATA)
-		if errors.Is(err, unix.ENXIO) || (err == nil && start >= size) {
-			break
+	for _, e := range exts {
+		if e.Type == block.Data {
+			out = append(out, types.DiskChangeExtent{Start: e.Off, Length: e.Len})
 		}
-		if err != nil {
-			return nil, fmt.Errorf("%s: seek data at %d: %w", name, off, err)
-		}
-		end, err := unix.Seek(int(f.Fd()), start, unix.SEEK_HOLE)
-		if err != nil {
-			return nil, fmt.Errorf("%s: seek hole at %d: %w", name, start, err)
-		}
-		end = min(end, size)
-		out = append(out, types.DiskChangeExtent{Start: start, Length: end - start})
-		off = end
 	}
 	return out, nil
 }

@@ -51,24 +51,7 @@ func (e *Env) flatDisk(rel string, size int64, cid uint32) error {
 		return err
 	}
 	flat := strings.TrimSuffix(filepath.Base(rel), ".vmdk") + "-flat.vmdk"
-	desc := fmt.Sprintf(`# Disk DescriptorFile
-version=1
-encoding="UTF-8"
-CID=%08x
-parentCID=ffffffff
-createType="vmfs"
-
-# Extent description
-RW %d VMFS "%s"
-
-# The Disk Data Base
-#DDB
-
-ddb.adapterType = "lsilogic"
-ddb.longContentID = "00000000000000000000000%09x"
-ddb.uuid = "60 00 C2 9a %02x %02x %02x %02x-00 11 22 33 44 55 66 77"
-ddb.virtualHWVersion = "19"
-`, cid, size/512, flat, cid, byte(cid>>24), byte(cid>>16), byte(cid>>8), byte(cid))
+	desc := FlatDescriptor(flat, size, cid)
 	if err := os.WriteFile(p, []byte(desc), 0o644); err != nil {
 		return err
 	}
@@ -327,4 +310,27 @@ func thumbprintSHA1(der []byte) string {
 		parts[i] = fmt.Sprintf("%02X", b)
 	}
 	return strings.Join(parts, ":")
+}
+
+// FlatDescriptor is the text of an ESXi-style VMFS descriptor whose one
+// extent is the flat file named flat (size bytes), with the given CID.
+func FlatDescriptor(flat string, size int64, cid uint32) string {
+	return fmt.Sprintf(`# Disk DescriptorFile
+version=1
+encoding="UTF-8"
+CID=%08x
+parentCID=ffffffff
+createType="vmfs"
+
+# Extent description
+RW %d VMFS "%s"
+
+# The Disk Data Base
+#DDB
+
+ddb.adapterType = "lsilogic"
+ddb.longContentID = "00000000000000000000000%09x"
+ddb.uuid = "60 00 C2 9a %02x %02x %02x %02x-00 11 22 33 44 55 66 77"
+ddb.virtualHWVersion = "19"
+`, cid, size/512, flat, cid, byte(cid>>24), byte(cid>>16), byte(cid>>8), byte(cid))
 }
