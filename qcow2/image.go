@@ -349,22 +349,32 @@ func OpenFile(path string) (*Image, error) {
 	return openLocal(path, nil)
 }
 
-func openLocal(path string, chain []string) (*Image, error) {
-	f, err := os.Open(path)
+// openPath opens a local qcow2 file with flag and parses its metadata;
+// closing the image closes the file.
+func openPath(path string, flag int) (*Image, *os.File, error) {
+	f, err := os.OpenFile(path, flag, 0)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	st, err := f.Stat()
 	if err != nil {
 		f.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	im, err := openImage(path, f, st.Size())
 	if err != nil {
 		f.Close()
-		return nil, err
+		return nil, nil, err
 	}
 	im.closers = append(im.closers, f.Close)
+	return im, f, nil
+}
+
+func openLocal(path string, chain []string) (*Image, error) {
+	im, _, err := openPath(path, os.O_RDONLY)
+	if err != nil {
+		return nil, err
+	}
 	if err := im.attachLocalBacking(path, chain); err != nil {
 		im.Close()
 		return nil, err

@@ -63,21 +63,10 @@ func OpenUpdate(path string) (*Image, error) {
 			return nil, fmt.Errorf("%s: repairing the refcounts of a dirty image: %w", path, err)
 		}
 	}
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	im, f, err := openPath(path, os.O_RDWR)
 	if err != nil {
 		return nil, err
 	}
-	st, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	im, err := openImage(path, f, st.Size())
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	im.closers = append(im.closers, f.Close)
 	if err := im.startUpdate(f); err != nil {
 		im.Close()
 		return nil, err
