@@ -12,9 +12,12 @@ gen_disk() {
   echo "$p"
 }
 
-# timed CMD...: runs CMD, prints "SECONDS MAXRSS_KIB" on stdout.
+# timed CMD...: runs CMD, prints "SECONDS MAXRSS_KIB" on stdout. Dirty pages
+# left by the previous run are written out first (untimed), so no run pays
+# for another's writeback.
 timed() {
   local t
+  sync
   t=$(mktemp)
   /usr/bin/time -f '%e %M' -o "$t" "$@" >/dev/null 2>&1 || { echo "failed: $*" >&2; cat "$t" >&2; rm -f "$t"; return 1; }
   tail -1 "$t"

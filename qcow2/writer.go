@@ -113,6 +113,7 @@ func Create(path string, size int64, opts sinks.Options) (*Writer, error) {
 	if err != nil {
 		return nil, err
 	}
+	f.NoSync = opts.NoSync
 	w := &Writer{
 		f: f, size: size, cs: cs, cb: cb, compress: compress,
 		codec: newCodec(typ, opts.CompressLevel), prealloc: prealloc,
@@ -579,10 +580,7 @@ func (w *Writer) finish() error {
 	if _, err := w.f.WriteAt(hb, 0); err != nil {
 		return fmt.Errorf("%s: writing header: %w", w.f.Name(), err)
 	}
-	if err := w.f.Sync(); err != nil {
-		return fmt.Errorf("%s: sync: %w", w.f.Name(), err)
-	}
-	return nil
+	return nil // Commit syncs (unless NoSync) and renames
 }
 
 func (w *Writer) writeTable(t []uint64, off, clusters int64) error {

@@ -32,7 +32,8 @@ type Options struct {
 	Preallocation string // "", "off" or "metadata"
 	BackingFile   string // qcow2 overlays: the backing image's name
 	BackingFormat string
-	Workers       int // parallelism the format may use (compression)
+	Workers       int  // parallelism the format may use (compression)
+	NoSync        bool // skip fsync at Commit (qemu-img convert's cache=unsafe)
 }
 
 // Format creates outputs of one image format.

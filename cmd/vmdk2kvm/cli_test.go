@@ -130,6 +130,12 @@ func TestInfoAndConvertRaw(t *testing.T) {
 		t.Fatalf("convert: %s", stderr)
 	}
 	testutil.Compare(t, "raw", src, "raw", dst)
+	fast := filepath.Join(dir, "fast.raw")
+	if _, stderr, code := runCLI(t, "convert", "-O", "raw", "--no-sync", src, fast); code != 0 {
+		t.Fatalf("convert --no-sync: %s", stderr)
+	}
+	testutil.Compare(t, "raw", src, "raw", fast)
+	os.Remove(fast)
 	// Converting onto an existing name replaces it only when complete; a
 	// failing convert (unknown format) leaves no temporary file behind.
 	if _, _, code := runCLI(t, "convert", "-O", "vhdx", src, filepath.Join(dir, "x.img")); code == 0 {

@@ -26,6 +26,7 @@ func convertCommand() *cli.Command {
 			&cli.Int64Flag{Name: "cluster-size", Usage: "qcow2 cluster size in bytes (4096 to 2097152)"},
 			&cli.StringFlag{Name: "preallocation", Usage: "qcow2 preallocation: off or metadata"},
 			&cli.IntFlag{Name: "workers", Usage: "parallel readers (0: automatic)"},
+			&cli.BoolFlag{Name: "no-sync", Usage: "do not fsync the output before renaming it into place (like qemu-img convert's default cache=unsafe): faster, but a power cut soon after may lose data"},
 			&cli.BoolFlag{Name: "json", Usage: "progress and summary as JSON lines on stdout"},
 			&cli.BoolFlag{Name: "fix", Usage: "inspect the guest and run the fixer plugins (into an overlay) before converting"},
 		), fixFlags()...),
@@ -58,6 +59,7 @@ func convertCommand() *cli.Command {
 				CompressLevel: c.Int("compress-level"),
 				Preallocation: c.String("preallocation"),
 				Workers:       c.Int("workers"),
+				NoSync:        c.Bool("no-sync"),
 			})
 			if err != nil {
 				return err

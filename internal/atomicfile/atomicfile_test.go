@@ -42,3 +42,20 @@ func TestCommitAndAbort(t *testing.T) {
 		t.Fatal("a folder accepted as output")
 	}
 }
+
+func TestNoSyncStillRenames(t *testing.T) {
+	final := filepath.Join(t.TempDir(), "fast.img")
+	f, err := Create(final)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.NoSync = true
+	f.WriteString("quick")
+	f.Wrote(WritebackEvery + 1)
+	if err := f.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := os.ReadFile(final); string(b) != "quick" {
+		t.Fatalf("final holds %q", b)
+	}
+}

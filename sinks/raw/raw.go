@@ -22,8 +22,12 @@ type Format struct{}
 func (Format) Name() string { return "raw" }
 
 // Create implements sinks.Format.
-func (Format) Create(_ context.Context, path string, size int64, _ sinks.Options) (sinks.Output, error) {
-	return Create(path, size)
+func (Format) Create(_ context.Context, path string, size int64, opts sinks.Options) (sinks.Output, error) {
+	o, err := Create(path, size)
+	if err == nil && o.af != nil {
+		o.af.NoSync = opts.NoSync
+	}
+	return o, err
 }
 
 // Output is a raw image being written.
