@@ -200,13 +200,23 @@ func (c *Client) ReadAt(p []byte, off int64) (int, error) {
 }
 
 func (c *Client) readAligned(p []byte, off int64) error {
-	piece := c.maxPiece()
+	return c.split(CmdRead, off, int64(len(p)), c.maxPiece(), func(cl *call, pos, k int64) []byte {
+		cl.buf = p[pos : pos+k]
+		return nil
+	})
+}
+
+// split issues one command over [off, off+length) as pipelined requests of
+// at most piece bytes, spread over the connections, and waits for them all;
+// it returns the first error. payload sets up each request (a read buffer)
+// and returns the bytes it sends (a write), or nil.
+func (c *Client) split(typ uint16, off, length, piece int64, payload func(cl *call, pos, k int64) []byte) error {
 	var calls []*call
 	var first error
-	for pos := int64(0); pos < int64(len(p)); pos += piece {
-		k := min(piece, int64(len(p))-pos)
-		cl := &call{typ: CmdRead, off: uint64(off + pos), length: uint32(k), buf: p[pos : pos+k]}
-		if err := c.pick().start(context.Background(), cl, 0, nil); err != nil {
+	for pos := int64(0); pos < length; pos += piece {
+		k := min(piece, length-pos)
+		cl := &call{typ: typ, off: uint64(off + pos), length: uint32(k)}
+		if err := c.pick().start(context.Background(), cl, 0, payload(cl, pos, k)); err != nil {
 			first = err
 			break
 		}
@@ -344,25 +354,9 @@ func (c *Client) WriteAt(p []byte, off int64) (int, error) {
 	if err := c.checkWrite(off, int64(len(p))); err != nil {
 		return 0, err
 	}
-	piece := c.maxPiece()
-	var calls []*call
-	var first error
-	for pos := int64(0); pos < int64(len(p)); pos += piece {
-		k := min(piece, int64(len(p))-pos)
-		cl := &call{typ: CmdWrite, off: uint64(off + pos), length: uint32(k)}
-		if err := c.pick().start(context.Background(), cl, 0, p[pos:pos+k]); err != nil {
-			first = err
-			break
-		}
-		calls = append(calls, cl)
-	}
-	for _, cl := range calls {
-		if err := cl.wait(context.Background()); err != nil && first == nil {
-			first = err
-		}
-	}
-	if first != nil {
-		return 0, first
+	err := c.split(CmdWrite, off, int64(len(p)), c.maxPiece(), func(_ *call, pos, k int64) []byte { return p[pos : pos+k] })
+	if err != nil {
+		return 0, err
 	}
 	return len(p), nil
 }
@@ -381,23 +375,7 @@ func (c *Client) Zero(off, length int64) error {
 		}
 		return nil
 	}
-	const piece = 1 << 30
-	var calls []*call
-	var first error
-	for pos := off; pos < off+length; pos += piece {
-		cl := &call{typ: CmdWriteZeroes, off: uint64(pos), length: uint32(min(piece, off+length-pos))}
-		if err := c.pick().start(context.Background(), cl, 0, nil); err != nil {
-			first = err
-			break
-		}
-		calls = append(calls, cl)
-	}
-	for _, cl := range calls {
-		if err := cl.wait(context.Background()); err != nil && first == nil {
-			first = err
-		}
-	}
-	return first
+	return c.split(CmdWriteZeroes, off, length, 1<<30, func(*call, int64, int64) []byte { return nil })
 }
 
 // Trim implements block.Writable. NBD's TRIM leaves contents undefined, and
