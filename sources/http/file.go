@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/vmdk2kvm/vmdk2kvm/filters"
 	"golang.org/x/sync/errgroup"
 	"io"
 	"io/fs"
@@ -277,29 +278,28 @@ func parseContentRange(s string) (start, end, total int64, err error) {
 	return start, end, total, nil
 }
 
-// stat finds the file's size: HEAD, else a one-byte ranged GET.
+// stat finds the file's size: HEAD, else a one-byte ranged GET, retried
+// with the project's retry filter (a 401 logs in again once per attempt).
 func (f *File) stat(ctx context.Context) (int64, error) {
 	cfg := &f.c.t.cfg
-	wait := cfg.Backoff
-	for attempt := 1; ; attempt++ {
-		size, err := f.statOnce(ctx)
-		if err == nil {
-			return size, nil
+	var size int64
+	attempt := 0
+	r := filters.NewRetry(nil, filters.RetryOptions{
+		Attempts: cfg.Attempts, Backoff: cfg.Backoff, MaxBackoff: 8 * time.Second, Log: cfg.Log,
+		Retryable: func(err error) bool {
+			var p permanent
+			return ctx.Err() == nil && (!errors.As(err, &p) || (errors.Is(err, errUnauthorized) && f.c.relogin(ctx)))
+		},
+	})
+	err := r.Do(ctx, f.url+": size", func() error {
+		if attempt++; attempt > 1 {
+			f.c.t.retries.Add(1)
 		}
-		var p permanent
-		if ctx.Err() != nil || (errors.As(err, &p) && !(errors.Is(err, errUnauthorized) && f.c.relogin(ctx))) {
-			return 0, err
-		}
-		if attempt >= cfg.Attempts {
-			return 0, fmt.Errorf("%s: size: giving up after %d attempts: %w", f.url, attempt, err)
-		}
-		f.c.t.retries.Add(1)
-		cfg.Log.Warn("http size query failed, retrying", "url", f.url, "attempt", attempt, "wait", wait, "err", err)
-		if err := sleep(ctx, wait); err != nil {
-			return 0, err
-		}
-		wait = min(2*wait, 8*time.Second)
-	}
+		var err error
+		size, err = f.statOnce(ctx)
+		return err
+	})
+	return size, err
 }
 
 func (f *File) statOnce(ctx context.Context) (int64, error) {
