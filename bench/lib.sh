@@ -12,11 +12,16 @@ gen_disk() {
   echo "$p"
 }
 
-# timed CMD...: runs CMD, prints "SECONDS MAXRSS_KIB" on stdout. Dirty pages
-# left by the previous run are written out first (untimed), so no run pays
-# for another's writeback.
+# timed CMD...: runs CMD, prints "SECONDS MAXRSS_KIB" on stdout. Untimed,
+# first: the files named in BENCH_CLEAN (the outputs) are removed and the
+# dirty pages left by the previous run are written out, so no run pays for
+# another's writeback or for freeing another's output (qemu-img truncates an
+# existing output in place, vmdk2kvm renames over it: both cost time).
+BENCH_CLEAN=${BENCH_CLEAN:-}
 timed() {
   local t
+  # shellcheck disable=SC2086 # a list of paths without spaces
+  [ -z "$BENCH_CLEAN" ] || rm -f $BENCH_CLEAN
   sync
   t=$(mktemp)
   /usr/bin/time -f '%e %M' -o "$t" "$@" >/dev/null 2>&1 || { echo "failed: $*" >&2; cat "$t" >&2; rm -f "$t"; return 1; }

@@ -14,6 +14,8 @@ src=$(gen_disk)
 ours_out="$BENCH_DIR/qcow2-ours.qcow2"
 ref_out="$BENCH_DIR/qcow2-qemu.qcow2"
 trap 'rm -f "$ours_out" "$ref_out"' EXIT
+BENCH_CLEAN="$ours_out $ref_out"
+
 
 verify() { # verify OUT SRC
   qemu-img check -q "$1" || { echo "qcow2: qemu-img check failed on $1" >&2; exit 1; }
@@ -35,11 +37,13 @@ for sub in monolithicSparse streamOptimized; do
   # (cache=unsafe): compare like with like, both ways.
   ours=$(best_of 2 bin/vmdk2kvm convert -O qcow2 "$img" "$ours_out")
   fast=$(best_of 2 bin/vmdk2kvm convert -O qcow2 --no-sync "$img" "$ours_out")
+  verify "$ours_out" "$img" # before timed removes it
+  osize=$(mib "$ours_out")
   qemu=$(best_of 2 qemu-img convert -f vmdk -O qcow2 "$img" "$ref_out")
   qsync=$(best_of 2 sh -c 'qemu-img convert -f vmdk -O qcow2 "$1" "$2" && sync "$2"' qemu "$img" "$ref_out")
-  verify "$ours_out" "$img"
-  line "$sub -> qcow2 (both unsynced: ours --no-sync)" "$fast" "$qemu" "$(mib "$ours_out")" "$(mib "$ref_out")"
-  line "$sub -> qcow2 (both synced: ours default, qemu-img + sync)" "$ours" "$qsync" "$(mib "$ours_out")" "$(mib "$ref_out")"
+  qsize=$(mib "$ref_out")
+  line "$sub -> qcow2 (both unsynced: ours --no-sync)" "$fast" "$qemu" "$osize" "$qsize"
+  line "$sub -> qcow2 (both synced: ours default, qemu-img + sync)" "$ours" "$qsync" "$osize" "$qsize"
 done
 
 img="$BENCH_DIR/disk-$BENCH_SIZE-monolithicSparse.vmdk"

@@ -203,7 +203,6 @@ func (w *Writer) WriteAt(p []byte, off int64) (int, error) {
 			return int(r.pos), fmt.Errorf("%s: %w", w.f.Name(), err)
 		}
 	}
-	w.f.Wrote(int64(len(p)))
 	return len(p), nil
 }
 
@@ -366,7 +365,6 @@ func (w *Writer) store(vc int64, data, scratch []byte, held bool) ([]byte, error
 	if err != nil {
 		return comp, fmt.Errorf("%s: %w", w.f.Name(), err)
 	}
-	w.f.Wrote(int64(len(comp)))
 	if &comp[0] == &data[0] {
 		return scratch, nil
 	}

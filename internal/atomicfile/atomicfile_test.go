@@ -14,7 +14,6 @@ func TestCommitAndAbort(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.WriteString("hello")
-	f.Wrote(5)
 	if _, err := os.Stat(final); !os.IsNotExist(err) {
 		t.Fatal("final name exists before Commit")
 	}
@@ -51,7 +50,6 @@ func TestNoSyncStillRenames(t *testing.T) {
 	}
 	f.NoSync = true
 	f.WriteString("quick")
-	f.Wrote(WritebackEvery + 1)
 	if err := f.Commit(); err != nil {
 		t.Fatal(err)
 	}

@@ -79,11 +79,7 @@ func (o *Output) WriteAt(p []byte, off int64) (int, error) {
 	if off < 0 || off+int64(len(p)) > o.size {
 		return 0, fmt.Errorf("raw output: write [%d,+%d) outside size %d", off, len(p), o.size)
 	}
-	n, err := o.f.WriteAt(p, off)
-	if o.af != nil {
-		o.af.Wrote(int64(n))
-	}
-	return n, err
+	return o.f.WriteAt(p, off)
 }
 
 // Zero implements block.Writer. On a fresh file the range already reads as
