@@ -3,7 +3,6 @@ package vmdk
 import (
 	"bytes"
 	"compress/zlib"
-	"hash/adler32"
 	"math/rand/v2"
 	"strings"
 	"testing"
@@ -56,32 +55,5 @@ func TestInflate(t *testing.T) {
 	}
 	if _, err := in.inflate(out, []byte{1, 2, 3, 4, 5, 6}); err == nil {
 		t.Fatal("bad header accepted")
-	}
-}
-
-func TestAdler32(t *testing.T) {
-	r := rand.New(rand.NewPCG(1, 2))
-	for n := 0; n < 40000; n += 1 + n/5 {
-		b := make([]byte, n)
-		for i := range b {
-			b[i] = byte(r.Uint32())
-		}
-		if got, want := adler32Sum(b), adler32.Checksum(b); got != want {
-			t.Fatalf("random, n=%d: %#x, want %#x", n, got, want)
-		}
-		for i := range b {
-			b[i] = 0xff // the largest sums
-		}
-		if got, want := adler32Sum(b), adler32.Checksum(b); got != want {
-			t.Fatalf("0xff, n=%d: %#x, want %#x", n, got, want)
-		}
-	}
-}
-
-func BenchmarkAdler32(b *testing.B) {
-	p := make([]byte, 64<<10)
-	b.SetBytes(int64(len(p)))
-	for range b.N {
-		adler32Sum(p)
 	}
 }
