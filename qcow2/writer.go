@@ -109,11 +109,10 @@ func Create(path string, size int64, opts sinks.Options) (*Writer, error) {
 	if l1n*8 > maxL1Bytes {
 		return nil, fmt.Errorf("%s: virtual size %d needs an L1 table over 32 MiB with %d-byte clusters; use larger clusters", path, size, cs)
 	}
-	f, err := atomicfile.Create(path)
+	f, err := atomicfile.Create(path, opts.NoSync)
 	if err != nil {
 		return nil, err
 	}
-	f.NoSync = opts.NoSync
 	w := &Writer{
 		f: f, size: size, cs: cs, cb: cb, compress: compress,
 		codec: newCodec(typ, opts.CompressLevel), prealloc: prealloc,
@@ -578,7 +577,7 @@ func (w *Writer) finish() error {
 	if _, err := w.f.WriteAt(hb, 0); err != nil {
 		return fmt.Errorf("%s: writing header: %w", w.f.Name(), err)
 	}
-	return nil // Commit syncs (unless NoSync) and renames
+	return nil // Commit syncs (unless opts.NoSync) and renames
 }
 
 func (w *Writer) writeTable(t []uint64, off, clusters int64) error {

@@ -23,11 +23,7 @@ func (Format) Name() string { return "raw" }
 
 // Create implements sinks.Format.
 func (Format) Create(_ context.Context, path string, size int64, opts sinks.Options) (sinks.Output, error) {
-	o, err := Create(path, size)
-	if err == nil && o.af != nil {
-		o.af.NoSync = opts.NoSync
-	}
-	return o, err
+	return Create(path, size, opts.NoSync)
 }
 
 // Output is a raw image being written.
@@ -40,8 +36,9 @@ type Output struct {
 
 // Create starts a raw output at path of the given size. A regular file is
 // written as a hidden temporary file in the same folder; a block device is
-// written in place and must be at least size bytes.
-func Create(path string, size int64) (*Output, error) {
+// written in place and must be at least size bytes. noSync skips the fsync
+// of a regular file at Commit.
+func Create(path string, size int64, noSync bool) (*Output, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("%s: negative size %d", path, size)
 	}
@@ -60,7 +57,7 @@ func Create(path string, size int64) (*Output, error) {
 		}
 		return &Output{f: f, size: size}, nil
 	}
-	af, err := atomicfile.Create(path)
+	af, err := atomicfile.Create(path, noSync)
 	if err != nil {
 		return nil, err
 	}
