@@ -65,6 +65,16 @@ type Device interface {
 	Close() error
 }
 
+// FileMapper is implemented by devices that keep some of their bytes as-is
+// in an open local file (a raw image), so a server can send them to a socket
+// with sendfile(2) instead of reading them into memory first.
+type FileMapper interface {
+	// MapFile returns the descriptor and file offset of the bytes that hold
+	// [off, off+n) of the device, or ok false when that range is not one
+	// piece of one file. The descriptor stays the device's: do not close it.
+	MapFile(off, n int64) (fd uintptr, fileOff int64, ok bool)
+}
+
 // Writer is the write half of a device: what a copy needs from its target.
 type Writer interface {
 	// WriteAt follows io.WriterAt.

@@ -13,6 +13,7 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"golang.org/x/sync/semaphore"
@@ -213,6 +214,8 @@ type serverConn struct {
 	wdev    block.Writable
 	flags   uint16
 	baseCtx bool
+	fm      block.FileMapper // the device's file, for sendfile; nil when not usable
+	rc      syscall.RawConn  // the socket, for sendfile
 	wmu     sync.Mutex
 	dead    atomic.Bool
 	ctx     context.Context

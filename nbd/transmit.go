@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sync/semaphore"
+	"golang.org/x/sys/unix"
 
 	"github.com/vmdk2kvm/vmdk2kvm/block"
 )
@@ -46,6 +48,16 @@ func (c *serverConn) transmit(ctx context.Context, exp *Export) error {
 	c.baseCtx = c.metaBase && c.metaExport == exp.Name
 	c.ctx = ctx
 	c.connMem = semaphore.NewWeighted(c.s.opts.ConnMemory)
+	c.fm, c.rc = nil, nil
+	if fm, ok := exp.Device.(block.FileMapper); ok {
+		// A plain socket (not TLS) takes file data straight from the page
+		// cache: no read into a buffer, no copy of it into the socket.
+		if sc, ok := c.nc.(syscall.Conn); ok && !c.tls {
+			if rc, err := sc.SyscallConn(); err == nil {
+				c.fm, c.rc = fm, rc
+			}
+		}
+	}
 	// Workers take turns reading a request and then serve it themselves, as
 	// nbdkit's threads do: no hand-off between a reader and a handler, and
 	// at most Workers requests of a connection run at once.
@@ -340,6 +352,22 @@ func (c *serverConn) read(req request) {
 			}
 			continue
 		}
+		if c.fm != nil {
+			if fd, foff, ok := c.fm.MapFile(e.Off, e.Len); ok {
+				// One chunk for the whole extent: no buffer limits it.
+				var h [dataHdr]byte
+				flags := uint16(0)
+				if lastExt {
+					flags = replyFlagDone
+				}
+				putChunkHdr(h[:], flags, ReplyTypeOffsetData, req.handle, uint32(e.Len+8))
+				binary.BigEndian.PutUint64(h[chunkHdr:], uint64(e.Off))
+				if !c.sendFile(h[:], fd, foff, e.Len) {
+					return
+				}
+				continue
+			}
+		}
 		if buf == nil {
 			buf = c.s.pools.get(dataHdr + int(min(readChunk, n)))
 		}
@@ -487,6 +515,53 @@ func (c *serverConn) send(b []byte) bool {
 	}
 	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
 	if _, err := c.nc.Write(b); err != nil {
+		c.dead.Store(true)
+		c.nc.Close()
+		return false
+	}
+	return true
+}
+
+// sendFile sends hdr and then n bytes of the file fd from offset off with
+// sendfile(2), as one message. Once the header is on the wire a failure
+// (an I/O error, a file shortened under the export) cannot be answered in
+// the protocol any more: the connection is closed, as for a failed send.
+func (c *serverConn) sendFile(hdr []byte, fd uintptr, off, n int64) bool {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.dead.Load() {
+		return false
+	}
+	c.nc.SetWriteDeadline(time.Now().Add(c.s.opts.WriteTimeout))
+	_, err := c.nc.Write(hdr)
+	if err == nil {
+		var serr error
+		err = c.rc.Write(func(sock uintptr) bool {
+			for n > 0 {
+				m, err := unix.Sendfile(int(sock), int(fd), &off, int(min(n, 1<<30)))
+				if m > 0 {
+					n -= int64(m) // off moved on with it
+				}
+				switch {
+				case errors.Is(err, unix.EAGAIN):
+					return false // wait until the socket takes more
+				case errors.Is(err, unix.EINTR):
+				case err != nil:
+					serr = err
+					return true
+				case m == 0:
+					serr = fmt.Errorf("file ends %d bytes early", n)
+					return true
+				}
+			}
+			return true
+		})
+		if err == nil {
+			err = serr
+		}
+	}
+	if err != nil {
+		c.s.log.Debug("nbd sendfile failed; closing the connection", "err", err)
 		c.dead.Store(true)
 		c.nc.Close()
 		return false

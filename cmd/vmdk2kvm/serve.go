@@ -64,7 +64,7 @@ func runServe(c *cli.Context) error {
 		return err
 	}
 	defer img.Close()
-	var dev block.Device = img
+	var dev block.Device = img.Device // not the Image: its optional methods (block.FileMapper) stay visible
 	if c.Bool("writable") {
 		cow, err := filters.NewCOW(img, filters.COWOptions{})
 		if err != nil {

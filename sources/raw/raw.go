@@ -43,13 +43,27 @@ func (Format) Open(ctx context.Context, fsys sources.FS, name string, f sources.
 type Device struct {
 	block.ReaderAt
 	ext sources.Extenter
+	fd  uintptr // a local file's descriptor, for MapFile
+	isf bool    // fd is set
 }
 
 // NewDevice wraps a file.
 func NewDevice(f sources.File) *Device {
 	d := &Device{ReaderAt: block.ReaderAt{R: f, N: f.Size(), Done: f.Close}}
 	d.ext, _ = f.(sources.Extenter)
+	if lf, ok := f.(interface{ Fd() uintptr }); ok {
+		d.fd, d.isf = lf.Fd(), true
+	}
 	return d
+}
+
+// MapFile implements block.FileMapper for a local file: the device is the
+// file, byte for byte.
+func (d *Device) MapFile(off, n int64) (uintptr, int64, bool) {
+	if !d.isf || off < 0 || n < 0 || off+n > d.N {
+		return 0, 0, false
+	}
+	return d.fd, off, true
 }
 
 // Extents implements block.Device.
