@@ -5,10 +5,11 @@ import "encoding/binary"
 // Bounds of the fast loop. While at least inSlack input bytes are left it
 // refills the bit buffer with whole words (two refills per iteration, at
 // most 7 bytes each); while at least outSlack bytes of output are left it
-// writes without checking (a 258-byte match plus a word of overshoot).
+// writes without checking (a 258-byte match plus up to two words of
+// overshoot).
 const (
 	inSlack  = 16
-	outSlack = 258 + 8
+	outSlack = 258 + 16
 )
 
 // huffman decodes the symbols of one Huffman-coded block with d.lit and
@@ -107,29 +108,31 @@ func (d *Decoder) huffman(out []byte, op int, b *bitReader) (int, error) {
 			return op, b.corrupt("distance %d reaches before the start of the output (%d bytes)", dd, op)
 		}
 
-		// Copy the match. Word copies may write up to 7 bytes past its
+		// Copy the match. Word copies may write up to 15 bytes past its
 		// end, which outSlack leaves room for; later output overwrites
 		// them.
 		src, end := op-dd, op+length
-		switch {
-		case dd >= 8:
-			for op < end {
+		if dd >= 8 {
+			// A word read from dd ≥ 8 bytes back is all written: copy
+			// two words unconditionally (most matches are short), then
+			// loop.
+			binary.LittleEndian.PutUint64(out[op:], binary.LittleEndian.Uint64(out[src:]))
+			binary.LittleEndian.PutUint64(out[op+8:], binary.LittleEndian.Uint64(out[src+8:]))
+			for op, src = op+16, src+16; op < end; op, src = op+8, src+8 {
 				binary.LittleEndian.PutUint64(out[op:], binary.LittleEndian.Uint64(out[src:]))
-				op += 8
-				src += 8
 			}
-		case dd == 1:
-			v := uint64(out[src]) * 0x0101010101010101
-			for op < end {
+		} else {
+			// A repeating pattern of period dd: make its first word
+			// byte by byte, then store that word every multiple of dd.
+			o := out[op : op+8]
+			_ = out[src+7]
+			for i := range o {
+				o[i] = out[src+i]
+			}
+			v := binary.LittleEndian.Uint64(o)
+			step := 8 - 8%dd
+			for op += step; op < end; op += step {
 				binary.LittleEndian.PutUint64(out[op:], v)
-				op += 8
-			}
-		default:
-			// Each word store makes dd more bytes right: step by dd.
-			for op < end {
-				binary.LittleEndian.PutUint64(out[op:], binary.LittleEndian.Uint64(out[src:]))
-				op += dd
-				src += dd
 			}
 		}
 		op = end

@@ -3,9 +3,12 @@ package vmdk
 import (
 	"bytes"
 	"compress/zlib"
+	"errors"
 	"math/rand/v2"
 	"strings"
 	"testing"
+
+	"github.com/vmdk2kvm/vmdk2kvm/internal/inflate"
 )
 
 func TestInflate(t *testing.T) {
@@ -27,7 +30,7 @@ func TestInflate(t *testing.T) {
 	if _, err := in.inflate(out[:100], z.Bytes()); err == nil {
 		t.Fatal("oversized stream accepted")
 	}
-	// Incompressible data: stored blocks only (the fast path), then with
+	// Incompressible data: stored blocks only, then with
 	// a bad checksum, then too large for out.
 	rnd := make([]byte, 200000)
 	r := rand.New(rand.NewPCG(3, 4))
@@ -38,7 +41,7 @@ func TestInflate(t *testing.T) {
 	w = zlib.NewWriter(&zs)
 	w.Write(rnd)
 	w.Close()
-	if _, _, ok := storedOnly(make([]byte, len(rnd)), zs.Bytes()[2:]); !ok {
+	if zs.Len() < len(rnd) {
 		t.Fatal("test setup: zlib did not store random data")
 	}
 	big := make([]byte, len(rnd))
@@ -55,5 +58,31 @@ func TestInflate(t *testing.T) {
 	}
 	if _, err := in.inflate(out, []byte{1, 2, 3, 4, 5, 6}); err == nil {
 		t.Fatal("bad header accepted")
+	}
+}
+
+// The inflater's errors: a stream longer than the grain, a corrupt
+// deflate stream (wrapped for errors.As), and a short grain reads as zeros
+// past its end.
+func TestInflateErrors(t *testing.T) {
+	data := []byte(strings.Repeat("grain of text ", 500))
+	var z bytes.Buffer
+	w := zlib.NewWriter(&z)
+	w.Write(data)
+	w.Close()
+	var in inflater
+	out := make([]byte, len(data)-1)
+	if _, err := in.inflate(out, z.Bytes()); err == nil || !strings.Contains(err.Error(), "inflates to more than") {
+		t.Fatalf("oversized stream: %v", err)
+	}
+	bad := bytes.Clone(z.Bytes())
+	bad[2] |= 6 // block type 3
+	var ce *inflate.CorruptError
+	if _, err := in.inflate(make([]byte, len(data)), bad); !errors.As(err, &ce) {
+		t.Fatalf("block type 3: %v", err)
+	}
+	big := bytes.Repeat([]byte{0xff}, len(data)+100)
+	if n, err := in.inflate(big, z.Bytes()); err != nil || n != len(data) || !bytes.Equal(big[:n], data) || !bytes.Equal(big[n:], make([]byte, 100)) {
+		t.Fatalf("short grain: %d, %v", n, err)
 	}
 }
