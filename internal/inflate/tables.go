@@ -3,6 +3,7 @@ package inflate
 import (
 	"errors"
 	"math/bits"
+	"slices"
 )
 
 const (
@@ -137,9 +138,13 @@ func build(table []uint32, tb uint, lens []uint8, k kind) error {
 		for i := range primary {
 			primary[i] = fInvalid
 		}
-		if total == 0 {
-			return nil
+		if total == 1 {
+			// The one code of one bit: 0.
+			for i := 0; i < len(primary); i += 2 {
+				primary[i] = entry(k, slices.Index(lens, 1), 1)
+			}
 		}
+		return nil
 	}
 	// Symbols sorted by code length, then by value: canonical order.
 	var offs [maxLen + 2]int
@@ -163,6 +168,7 @@ func build(table []uint32, tb uint, lens []uint8, k kind) error {
 	curPrefix := -1
 	var subStart, subBits int
 	remaining := count // codes of each length not yet placed
+	filled := uint(0)  // log2 of the primary entries made so far
 	for _, sym := range codes {
 		for inLen == count[l] {
 			code <<= 1
@@ -171,11 +177,20 @@ func build(table []uint32, tb uint, lens []uint8, k kind) error {
 		}
 		rev := int(bits.Reverse16(uint16(code)) >> (16 - l))
 		if uint(l) <= tb {
-			e := entry(k, int(sym), uint(l))
-			for i := rev; i < len(primary); i += 1 << l {
-				primary[i] = e
+			// The primary table is built by doubling: its first 2^l
+			// entries are right for codes of up to l bits (the rest are
+			// prefixes of longer codes, filled at their length), and
+			// their copy is right for l+1 bits.
+			for filled < uint(l) {
+				copy(primary[1<<filled:2<<filled], primary[:1<<filled])
+				filled++
 			}
+			primary[rev] = entry(k, int(sym), uint(l))
 		} else {
+			for filled < tb {
+				copy(primary[1<<filled:2<<filled], primary[:1<<filled])
+				filled++
+			}
 			prefix := rev & (1<<tb - 1)
 			if prefix != curPrefix {
 				// A new sub-table: size it to the longest code under this
@@ -209,6 +224,10 @@ func build(table []uint32, tb uint, lens []uint8, k kind) error {
 		remaining[l]--
 		code++
 		inLen++
+	}
+	for filled < tb {
+		copy(primary[1<<filled:2<<filled], primary[:1<<filled])
+		filled++
 	}
 	return nil
 }
