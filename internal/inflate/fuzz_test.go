@@ -19,7 +19,8 @@ func FuzzInflate(f *testing.F) {
 	dynamicHeader(&w, true, lengths(258, map[int]uint8{'a': 1, 256: 2, 257: 2}), lengths(1, map[int]uint8{0: 1}))
 	f.Add(bytes.Clone(w.bytes()))
 	var d Decoder
+	scratch := make([]byte, compareLimit)
 	f.Fuzz(func(t *testing.T, in []byte) {
-		compare(t, &d, in)
+		compare(t, &d, in, scratch)
 	})
 }

@@ -188,6 +188,7 @@ func TestZlib(t *testing.T) {
 func TestDamaged(t *testing.T) {
 	var d Decoder
 	data := mixedData(20000, 4)
+	scratch := make([]byte, compareLimit)
 	for _, level := range []int{-2, 0, 1, 6, 9} {
 		z := deflate(t, data, level)
 		out := make([]byte, len(data))
@@ -205,28 +206,30 @@ func TestDamaged(t *testing.T) {
 			for range 1 + r.IntN(3) {
 				bad[r.IntN(len(bad))] ^= byte(1 + r.IntN(255))
 			}
-			compare(t, &d, bad)
+			compare(t, &d, bad, scratch)
 		}
 	}
 }
 
-// compare checks Decode against compress/flate on arbitrary input.
-func compare(t *testing.T, d *Decoder, in []byte) {
+// compareLimit bounds the output compare checks.
+const compareLimit = 256 << 10
+
+// compare checks Decode against compress/flate on arbitrary input; out is
+// scratch space of compareLimit bytes.
+func compare(t *testing.T, d *Decoder, in, out []byte) {
 	t.Helper()
-	const limit = 256 << 10
 	br := bytes.NewReader(in)
-	want, werr := io.ReadAll(io.LimitReader(flate.NewReader(br), limit+1))
-	if len(want) > limit {
+	want, werr := io.ReadAll(io.LimitReader(flate.NewReader(br), compareLimit+1))
+	if len(want) > compareLimit {
 		return
 	}
 	if werr != nil {
-		out := make([]byte, limit)
-		if n, _, err := d.Decode(out, in); err == nil {
+		if n, _, err := d.Decode(out[:compareLimit], in); err == nil {
 			t.Fatalf("input %x: decoded %d bytes, compress/flate fails: %v", in, n, werr)
 		}
 		return
 	}
-	out := make([]byte, len(want))
+	out = out[:len(want)]
 	n, rest, err := d.Decode(out, in)
 	if err != nil {
 		t.Fatalf("input %x: %v; compress/flate decodes %d bytes", in, err, len(want))
