@@ -39,7 +39,7 @@ func TestCopyIdenticalAndSparse(t *testing.T) {
 		t.Fatal(err)
 	}
 	dev := openRaw(t, src)
-	out, err := rawsink.Create(dst, dev.Size())
+	out, err := rawsink.Create(dst, dev.Size(), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -138,7 +138,7 @@ func TestCancelLeavesNoOutput(t *testing.T) {
 	dir := t.TempDir()
 	src := block.NewMemory(256<<20, 1<<20)
 	src.WriteAt(bytes.Repeat([]byte{1}, 256<<20), 0)
-	out, err := rawsink.Create(filepath.Join(dir, "out.raw"), src.Size())
+	out, err := rawsink.Create(filepath.Join(dir, "out.raw"), src.Size(), false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,7 +215,7 @@ func BenchmarkCopyGenerated(b *testing.B) {
 	defer dev.Close()
 	b.SetBytes(dev.Size())
 	for b.Loop() {
-		out, err := rawsink.Create(filepath.Join(dir, "dst.raw"), dev.Size())
+		out, err := rawsink.Create(filepath.Join(dir, "dst.raw"), dev.Size(), false)
 		if err != nil {
 			b.Fatal(err)
 		}
