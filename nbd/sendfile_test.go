@@ -3,6 +3,7 @@ package nbd_test
 import (
 	"bytes"
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -40,6 +41,27 @@ func TestServerSendfile(t *testing.T) {
 		if got := fileSHA(t, out); got != want {
 			t.Errorf("export %s: nbdcopy's copy differs from the source", name)
 		}
+	}
+	// Over TCP too (sendfile to a TCP socket).
+	srv, err := nbd.NewServer(nbd.ServerOptions{}, nbd.Export{Name: "file", Device: dev})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, stop := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(sctx, ln) }()
+	out := filepath.Join(dir, "tcp.raw")
+	run(t, "nbdcopy", "--connections=4", "nbd://"+ln.Addr().String()+"/file", out)
+	stop()
+	if err := <-done; err != nil {
+		t.Fatalf("Serve over TCP: %v", err)
+	}
+	if got := fileSHA(t, out); got != want {
+		t.Error("export over TCP: nbdcopy's copy differs from the source")
 	}
 
 	// A file of its own, shortened under the export.
