@@ -24,6 +24,7 @@ import (
 	"github.com/vmdk2kvm/vmdk2kvm/copier"
 	"github.com/vmdk2kvm/vmdk2kvm/qcow2"
 	"github.com/vmdk2kvm/vmdk2kvm/sinks"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/raw"
 )
 
 // WarmSource is the control plane of a warm migration: it freezes a point in
@@ -336,16 +337,11 @@ func (s *Syncer) bindHash(h *cbt.Hash, src block.Device, replica string) (func()
 		}
 		dev = im
 	default:
-		f, err := os.Open(replica)
+		rd, err := raw.OpenFile(replica)
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("opening replica %s: %w", replica, err)
 		}
-		st, err := f.Stat()
-		if err != nil {
-			f.Close()
-			return nil, err
-		}
-		dev = &block.ReaderAt{R: f, N: st.Size(), Done: f.Close}
+		dev = rd
 	}
 	h.Replica = dev
 	return func() { h.Replica = nil; dev.Close() }, nil

@@ -10,6 +10,7 @@ import (
 	"sync"
 
 	"github.com/vmdk2kvm/vmdk2kvm/block"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/raw"
 )
 
 // Image is an opened qcow2 image: a block.Device, and when opened with
@@ -452,16 +453,7 @@ func openLocalAny(path, format string, chain []string) (block.Device, error) {
 	case "qcow2":
 		return openLocal(path, chain)
 	case "raw":
-		f, err := os.Open(path)
-		if err != nil {
-			return nil, err
-		}
-		st, err := f.Stat()
-		if err != nil {
-			f.Close()
-			return nil, err
-		}
-		return &block.ReaderAt{R: f, N: st.Size(), Done: f.Close}, nil
+		return raw.OpenFile(path)
 	}
 	return nil, fmt.Errorf("%s: backing format %q can only be opened through the source registry", path, format)
 }

@@ -7,6 +7,7 @@ import (
 
 	"github.com/vmdk2kvm/vmdk2kvm/block"
 	"github.com/vmdk2kvm/vmdk2kvm/sources"
+	"github.com/vmdk2kvm/vmdk2kvm/sources/file"
 )
 
 // Format is the raw format.
@@ -45,6 +46,16 @@ type Device struct {
 	ext sources.Extenter
 	fd  uintptr // a local file's descriptor, for MapFile
 	isf bool    // fd is set
+}
+
+// OpenFile opens a local raw image read-only as a device (holes from
+// SEEK_DATA/SEEK_HOLE, data sent with sendfile by the NBD server).
+func OpenFile(path string) (*Device, error) {
+	f, err := file.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	return NewDevice(f), nil
 }
 
 // NewDevice wraps a file.
