@@ -157,6 +157,28 @@ func (r *request) touch() { r.timer.Reset(r.d) }
 
 func (r *request) done() { r.timer.Stop(); r.cancel(nil) }
 
+// send sends one authorized request for the file (with a Range header
+// unless rng is empty) under r's context. Errors come back classified for
+// the retry filter.
+func (f *File) send(r *request, method, rng string) (*nethttp.Response, error) {
+	req, err := nethttp.NewRequestWithContext(r.ctx, method, f.url, nil)
+	if err != nil {
+		return nil, permanent{err}
+	}
+	if rng != "" {
+		req.Header.Set("Range", rng)
+	}
+	if err := f.c.authorize(req); err != nil {
+		return nil, permanent{err}
+	}
+	f.c.t.requests.Add(1)
+	resp, err := f.c.hc.Do(req)
+	if err != nil {
+		return nil, r.wrap(classify(err))
+	}
+	return resp, nil
+}
+
 // wrap explains an error of a request that stalled.
 func (r *request) wrap(err error) error {
 	if cause := context.Cause(r.ctx); errors.Is(cause, errStalled) {
@@ -172,18 +194,9 @@ func (f *File) get(ctx context.Context, buf []byte, off int64) (int, error) {
 	last := off + int64(len(buf)) - 1
 	r := f.newRequest(ctx)
 	defer r.done()
-	req, err := nethttp.NewRequestWithContext(r.ctx, nethttp.MethodGet, f.url, nil)
+	resp, err := f.send(r, nethttp.MethodGet, fmt.Sprintf("bytes=%d-%d", off, last))
 	if err != nil {
-		return 0, permanent{err}
-	}
-	req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, last))
-	if err := f.c.authorize(req); err != nil {
-		return 0, permanent{err}
-	}
-	f.c.t.requests.Add(1)
-	resp, err := f.c.hc.Do(req)
-	if err != nil {
-		return 0, r.wrap(classify(err))
+		return 0, err
 	}
 	defer resp.Body.Close()
 	var n int64
@@ -305,17 +318,9 @@ func (f *File) stat(ctx context.Context) (int64, error) {
 func (f *File) statOnce(ctx context.Context) (int64, error) {
 	r := f.newRequest(ctx)
 	defer r.done()
-	req, err := nethttp.NewRequestWithContext(r.ctx, nethttp.MethodHead, f.url, nil)
+	resp, err := f.send(r, nethttp.MethodHead, "")
 	if err != nil {
-		return 0, permanent{err}
-	}
-	if err := f.c.authorize(req); err != nil {
-		return 0, permanent{err}
-	}
-	f.c.t.requests.Add(1)
-	resp, err := f.c.hc.Do(req)
-	if err != nil {
-		return 0, r.wrap(classify(err))
+		return 0, err
 	}
 	resp.Body.Close()
 	if resp.StatusCode == nethttp.StatusOK && resp.ContentLength >= 0 {
@@ -326,18 +331,9 @@ func (f *File) statOnce(ctx context.Context) (int64, error) {
 		return 0, f.statusError(resp, 0, 0)
 	}
 	// No usable HEAD: ask for the first byte and read the total size.
-	req, err = nethttp.NewRequestWithContext(r.ctx, nethttp.MethodGet, f.url, nil)
+	resp, err = f.send(r, nethttp.MethodGet, "bytes=0-0")
 	if err != nil {
-		return 0, permanent{err}
-	}
-	req.Header.Set("Range", "bytes=0-0")
-	if err := f.c.authorize(req); err != nil {
-		return 0, permanent{err}
-	}
-	f.c.t.requests.Add(1)
-	resp, err = f.c.hc.Do(req)
-	if err != nil {
-		return 0, r.wrap(classify(err))
+		return 0, err
 	}
 	defer resp.Body.Close()
 	switch resp.StatusCode {
