@@ -44,13 +44,8 @@ func (b *Bitmap) Changed(ctx context.Context, since string) (Result, error) {
 		if since != "" {
 			res.Warning = fmt.Sprintf("dirty bitmap %s tracks changes since %q, the replica is at %q: full resync", b.Bitmap, b.Since, since)
 		}
-		err := block.Walk(ctx, b.Export, 0, size, 0, func(e block.Extent) error {
-			if e.Type != block.Hole {
-				res.Extents = append(res.Extents, e)
-			}
-			return nil
-		})
-		res.Extents = Normalize(res.Extents, size)
+		var err error
+		res.Extents, err = Allocated(ctx, b.Export)
 		return res, err
 	}
 	ctxName := "qemu:dirty-bitmap:" + b.Bitmap

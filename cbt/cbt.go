@@ -59,6 +59,19 @@ type Result struct {
 // Bytes returns the total length of the extents.
 func (r Result) Bytes() int64 { return block.Sum(r.Extents, block.Data, block.Zero, block.Hole) }
 
+// Allocated lists every extent of dev that is not a hole, normalized: what
+// a full resync has to copy.
+func Allocated(ctx context.Context, dev block.Device) ([]block.Extent, error) {
+	var out []block.Extent
+	err := block.Walk(ctx, dev, 0, dev.Size(), 0, func(e block.Extent) error {
+		if e.Type != block.Hole {
+			out = append(out, e)
+		}
+		return nil
+	})
+	return Normalize(out, dev.Size()), err
+}
+
 // Normalize sorts extents, clips them to [0, size), merges overlapping and
 // touching ones and marks them Data. Providers use it on whatever their
 // source reports.

@@ -58,13 +58,8 @@ func (d *Delta) Changed(ctx context.Context, since string) (Result, error) {
 		if since != "" {
 			res.Warning = fmt.Sprintf("the layer the replica was synced to (%s) is no longer in the chain: full resync", since)
 		}
-		err := block.Walk(ctx, d.Chain, 0, size, 0, func(e block.Extent) error {
-			if e.Type != block.Hole {
-				res.Extents = append(res.Extents, e)
-			}
-			return nil
-		})
-		res.Extents = Normalize(res.Extents, size)
+		var err error
+		res.Extents, err = Allocated(ctx, d.Chain)
 		return res, err
 	}
 	for i := 0; i < k; i++ {
